@@ -1,0 +1,31 @@
+"""Typed run configuration: dataclasses (schema) loaded strictly from YAML (loader)."""
+
+from megafusion.config.loader import (
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    load_config,
+    parse_cli_overrides,
+)
+from megafusion.config.schema import (
+    DiffusionConfig,
+    ImageConfig,
+    MegaFusionConfig,
+    ModelConfig,
+    OptimConfig,
+    UNetConfig,
+)
+
+__all__ = [
+    "ConfigError",
+    "DiffusionConfig",
+    "ImageConfig",
+    "MegaFusionConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "UNetConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+    "parse_cli_overrides",
+]

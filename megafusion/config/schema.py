@@ -1,0 +1,134 @@
+"""The configuration schema. Every field has a paper-grounded default; `__post_init__` rejects bad values
+with a message that starts with the offending field name (the loader prefixes file and section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Separation = Literal["deep", "ffn", "none"]
+SEPARATIONS: tuple[str, ...] = ("deep", "ffn", "none")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    # HF Llama directory (config.json + safetensors) or a .gguf file.
+    base: str = ""
+    separation: Separation = "deep"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: Literal["sdpa"] = "sdpa"
+
+
+@dataclass
+class ImageConfig:
+    """Shape of the VAE latents and how they become transformer tokens (paper: 32x32x8 -> 256 tokens)."""
+
+    latent_channels: int = 8
+    latent_size: int = 32
+    patch_size: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.latent_channels > 0, f"latent_channels: must be positive, got {self.latent_channels}")
+        _require(self.latent_size > 0, f"latent_size: must be positive, got {self.latent_size}")
+        _require(self.patch_size > 0, f"patch_size: must be positive, got {self.patch_size}")
+        _require(
+            self.latent_size % self.patch_size == 0,
+            f"patch_size: {self.patch_size} must divide latent_size {self.latent_size}",
+        )
+
+    @property
+    def grid_size(self) -> int:
+        return self.latent_size // self.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class UNetConfig:
+    """U-Net down/up samplers between latents and image tokens (paper: 2 blocks each)."""
+
+    channels: int = 256
+    num_blocks: int = 2
+    norm_groups: int = 32
+    time_embed_dim: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.channels > 0, f"channels: must be positive, got {self.channels}")
+        _require(self.num_blocks >= 1, f"num_blocks: must be at least 1, got {self.num_blocks}")
+        _require(
+            self.norm_groups > 0 and self.channels % self.norm_groups == 0,
+            f"norm_groups: {self.norm_groups} must divide channels {self.channels}",
+        )
+        _require(
+            self.time_embed_dim > 0 and self.time_embed_dim % 2 == 0,
+            f"time_embed_dim: must be a positive even number, got {self.time_embed_dim}",
+        )
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    # Cosine schedule of Nichol & Dhariwal, named as in diffusers.
+    beta_schedule: Literal["squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    # lambda in L = L_LM + lambda * L_DDPM; the paper does not print it, Transfusion uses 5.
+    loss_weight: float = 5.0
+    # Highest timestep for an image that precedes its caption, so the caption can still read it.
+    image_first_max_timestep: int = 500
+
+    def __post_init__(self) -> None:
+        _require(self.num_train_timesteps > 1, f"num_train_timesteps: must be > 1, got {self.num_train_timesteps}")
+        _require(self.loss_weight >= 0, f"loss_weight: must be >= 0, got {self.loss_weight}")
+        _require(
+            0 <= self.image_first_max_timestep < self.num_train_timesteps,
+            f"image_first_max_timestep: must be in [0, {self.num_train_timesteps}), "
+            f"got {self.image_first_max_timestep}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled text/image learning rates; lr_text = 0 freezes the text path."""
+
+    lr_text: float = 0.0
+    lr_image: float = 1e-4
+    # Floor of the cosine decay for the image group; the text group decays by the same ratio.
+    lr_min_image: float = 1.5e-5
+    warmup_steps: int = 4000
+    total_steps: int = 250_000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.lr_text >= 0, f"lr_text: must be >= 0, got {self.lr_text}")
+        _require(self.lr_image > 0, f"lr_image: must be > 0, got {self.lr_image}")
+        _require(
+            0 <= self.lr_min_image <= self.lr_image,
+            f"lr_min_image: must be in [0, lr_image={self.lr_image}], got {self.lr_min_image}",
+        )
+        _require(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _require(
+            self.total_steps > self.warmup_steps,
+            f"total_steps: must exceed warmup_steps={self.warmup_steps}, got {self.total_steps}",
+        )
+        _require(0 <= self.beta1 < 1, f"beta1: must be in [0, 1), got {self.beta1}")
+        _require(0 <= self.beta2 < 1, f"beta2: must be in [0, 1), got {self.beta2}")
+        _require(self.eps > 0, f"eps: must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class MegaFusionConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)

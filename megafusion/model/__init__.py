@@ -1,0 +1,19 @@
+"""The LlamaFusion model (what the model is; how it is trained or parallelised lives elsewhere)."""
+
+from megafusion.model.arch import LlamaArch, UnsupportedCheckpointError
+from megafusion.model.fusion import FusionOutput, LlamaFusion
+from megafusion.model.hybrid_mask import HybridMask
+from megafusion.model.layout import IMAGE, TEXT, TokenLayout
+from megafusion.model.routing import ModalityRouter
+
+__all__ = [
+    "IMAGE",
+    "TEXT",
+    "FusionOutput",
+    "HybridMask",
+    "LlamaArch",
+    "LlamaFusion",
+    "ModalityRouter",
+    "TokenLayout",
+    "UnsupportedCheckpointError",
+]

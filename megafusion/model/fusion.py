@@ -1,0 +1,282 @@
+"""LlamaFusion: a frozen pretrained Llama (text set) beside a trainable image set, one shared attention."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from megafusion.config.schema import SEPARATIONS, ImageConfig, UNetConfig
+from megafusion.model.arch import LlamaArch
+from megafusion.model.attention import ATTENTION_BACKENDS
+from megafusion.model.block import FusionBlock
+from megafusion.model.hybrid_mask import HybridMask
+from megafusion.model.layers import RMSNorm
+from megafusion.model.layout import TokenLayout
+from megafusion.model.rope import RotaryEmbedding
+from megafusion.model.routing import ModalityRouter, Routed
+from megafusion.model.unet import UNetDown, UNetUp
+
+FUSION_CONFIG_NAME = "fusion_config.json"
+WEIGHTS_NAME = "model.safetensors"
+NUM_SPECIAL_TOKENS = 2  # BOI, EOI
+# Top-level parameters that belong to the image learning-rate group besides every routed `.image.` set.
+IMAGE_GROUP_PREFIXES = ("unet_down.", "unet_up.", "special_embed", "special_head")
+
+
+@dataclass
+class FusionOutput:
+    # (B, S, V) over the base vocabulary; rows of image tokens are zero (the LM head is text-only).
+    logits: torch.Tensor | None
+    # (B, S, 2) logits of the new BOI / EOI tokens, kept apart so `logits` is exactly the base LM's.
+    special_logits: torch.Tensor | None
+    # (N_images, C, H, W) predicted noise, or None when the batch holds no image.
+    noise_pred: torch.Tensor | None
+    # (N_text, hidden) final-normed hidden states of text tokens and their flat (B*S) indices.
+    text_hidden: torch.Tensor
+    text_index: torch.Tensor
+
+
+class LlamaFusion(nn.Module):
+    def __init__(
+        self,
+        arch: LlamaArch,
+        separation: str = "deep",
+        image: ImageConfig | None = None,
+        unet: UNetConfig | None = None,
+        attention: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if separation not in SEPARATIONS:
+            raise ValueError(f"separation must be one of {SEPARATIONS}, got {separation!r}")
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}, got {attention!r}")
+        self.arch, self.separation = arch, separation
+        self.image_config, self.unet_config = image or ImageConfig(), unet or UNetConfig()
+        self.attention_backend = attention
+        d = arch.hidden_size
+        self.boi_id, self.eoi_id = arch.vocab_size, arch.vocab_size + 1
+
+        self.embed_tokens = nn.Embedding(arch.vocab_size, d)
+        self.special_embed = nn.Parameter(torch.zeros(NUM_SPECIAL_TOKENS, d))
+        self.layers = nn.ModuleList(FusionBlock(arch, separation) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(d, arch.rms_norm_eps)
+        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(d, arch.vocab_size, bias=False)
+        self.special_head = nn.Parameter(torch.zeros(NUM_SPECIAL_TOKENS, d))
+        self.rotary = RotaryEmbedding(arch)
+        self.unet_down = UNetDown(self.image_config, self.unet_config, d)
+        self.unet_up = UNetUp(self.image_config, self.unet_config, d, arch.rms_norm_eps)
+        self.base_path: str | None = None
+
+    # ------------------------------------------------------------------ parameters
+    @staticmethod
+    def parameter_group(name: str) -> str:
+        """'image' for the image set, U-Nets and BOI/EOI; 'text' for the pretrained (or shared) weights."""
+        if ".image." in name or name.startswith(IMAGE_GROUP_PREFIXES):
+            return "image"
+        return "text"
+
+    def grouped_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"text": [], "image": []}
+        for name, p in self.named_parameters():
+            groups[self.parameter_group(name)].append((name, p))
+        return groups
+
+    def init_image_set_from_text(self) -> None:
+        """Paper: the image attention/FFN/norm set starts as a copy of the pretrained text set."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, Routed) and module.separate:
+                    module.image.load_state_dict(module.text.state_dict())
+            self.unet_up.norm.weight.copy_(self.norm.weight)
+            # New tokens start at the mean embedding / head row: in-distribution, and no existing row moves.
+            self.special_embed.copy_(self.embed_tokens.weight.mean(0, keepdim=True).expand_as(self.special_embed))
+            self.special_head.copy_(self.lm_head_weight.mean(0, keepdim=True).expand_as(self.special_head))
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of text-modality ids, where ids >= vocab_size are BOI/EOI."""
+        vocab = self.arch.vocab_size
+        special = ids >= vocab
+        h = self.embed_tokens(ids.clamp(max=vocab - 1))
+        if bool(special.any()):
+            extra = self.special_embed[(ids - vocab).clamp(min=0, max=NUM_SPECIAL_TOKENS - 1)]
+            h = torch.where(special[..., None], extra.to(h.dtype), h)
+        return h
+
+    def lm_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits over the base vocabulary, logits of BOI/EOI) for final-normed text hidden states."""
+        return nn.functional.linear(hidden, self.lm_head_weight), nn.functional.linear(hidden, self.special_head)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        modality: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        compute_logits: bool = True,
+    ) -> FusionOutput:
+        """input_ids: (B, S), ignored at image positions. images: (N, C, H, W) noisy latents, one per
+        image id in order, with their diffusion `timesteps` (N,)."""
+        layout = TokenLayout.build(input_ids, modality, image_ids, doc_ids, position_ids)
+        router = ModalityRouter(layout.modality)
+        mask = HybridMask(layout)
+        dtype = self.embed_tokens.weight.dtype
+
+        text_ids = router.to_grouped(input_ids)[: router.num_text]
+        h = self.embed(text_ids)
+        skip = None
+        num_images = 0
+        if router.num_image:
+            num_images = layout.num_images
+            images, timesteps = self._check_images(images, timesteps, num_images, router.num_image)
+            image_tokens, skip = self.unet_down(images.to(dtype), timesteps)
+            h = torch.cat((h, image_tokens.reshape(-1, image_tokens.shape[-1])), dim=0)
+
+        rope = self.rotary(layout.position_ids, dtype)
+        attention = ATTENTION_BACKENDS[self.attention_backend]
+        for layer in self.layers:
+            h = layer(h, router, rope, mask, attention)
+
+        text_h, image_h = router.split(h)
+        text_h = self.norm(text_h)
+        noise_pred = None
+        if num_images:
+            noise_pred = self.unet_up(image_h.reshape(num_images, -1, h.shape[-1]), timesteps, skip)
+
+        text_index = router.text_index
+        if text_index is None:
+            text_index = torch.arange(router.num_text, device=input_ids.device)
+        logits = special_logits = None
+        if compute_logits:
+            logits, special_logits = self._scatter_logits(*self.lm_logits(text_h), router, text_index)
+        return FusionOutput(logits, special_logits, noise_pred, text_h, text_index)
+
+    def _check_images(
+        self, images: torch.Tensor | None, timesteps: torch.Tensor | None, num_images: int, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        per_image = self.image_config.tokens_per_image
+        if num_tokens != num_images * per_image:
+            raise ValueError(
+                f"the batch has {num_tokens} image tokens for {num_images} images; each image must have "
+                f"exactly image.tokens_per_image={per_image} contiguous tokens"
+            )
+        if images is None or images.shape[0] != num_images:
+            got = "none" if images is None else images.shape[0]
+            raise ValueError(f"the layout holds {num_images} images but `images` has {got}")
+        if timesteps is None:
+            raise ValueError("`timesteps` (one per image) are required when the batch holds images")
+        timesteps = torch.as_tensor(timesteps, device=images.device).reshape(-1)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(num_images)
+        if timesteps.numel() != num_images:
+            raise ValueError(f"got {timesteps.numel()} timesteps for {num_images} images")
+        return images, timesteps
+
+    @staticmethod
+    def _scatter_logits(
+        logits: torch.Tensor, special: torch.Tensor, router: ModalityRouter, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if router.num_image == 0:
+            return logits.view(router.batch, router.seq, -1), special.view(router.batch, router.seq, -1)
+        n = router.batch * router.seq
+        full = logits.new_zeros(n, logits.shape[-1]).index_copy(0, text_index, logits)
+        full_special = special.new_zeros(n, special.shape[-1]).index_copy(0, text_index, special)
+        return full.view(router.batch, router.seq, -1), full_special.view(router.batch, router.seq, -1)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_llama(
+        cls,
+        path: str | os.PathLike,
+        separation: str = "deep",
+        image: ImageConfig | None = None,
+        unet: UNetConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        attention: str = "sdpa",
+    ) -> LlamaFusion:
+        """Build from an HF Llama directory (config.json + safetensors, sharded or not) or a .gguf file:
+        text set = the pretrained LM, image set = a copy of it, U-Nets from scratch."""
+        from megafusion.checkpoint.llama_reader import read_llama_checkpoint
+        from megafusion.checkpoint.names import load_text_state
+
+        checkpoint = read_llama_checkpoint(path)
+        arch = LlamaArch.from_hf_config(checkpoint.config, source=checkpoint.config_source)
+        model = cls(arch, separation, image, unet, attention)
+        load_text_state(model, checkpoint.state_dict, checkpoint.weights_source)
+        model.init_image_set_from_text()
+        model.base_path = str(path)
+        return model.to(dtype)
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+        """All weights (safetensors) + the architecture; written to a temp dir and renamed into place."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            meta = {
+                "format": "megafusion.LlamaFusion",
+                "format_version": 1,
+                "separation": self.separation,
+                "attention": self.attention_backend,
+                "arch": self.arch.to_dict(),
+                "image": asdict(self.image_config),
+                "unet": asdict(self.unet_config),
+                "base_path": self.base_path,
+                "dtype": str(self.embed_tokens.weight.dtype).removeprefix("torch."),
+            }
+            (tmp / FUSION_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> LlamaFusion:
+        path = Path(path)
+        cfg_file = path / FUSION_CONFIG_NAME
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"{path}: no {FUSION_CONFIG_NAME}; expected a directory written by LlamaFusion.save_pretrained "
+                "(to start from a plain Llama checkpoint use LlamaFusion.from_llama)"
+            )
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("format") != "megafusion.LlamaFusion":
+            raise ValueError(f"{cfg_file}: 'format' is {meta.get('format')!r}, expected 'megafusion.LlamaFusion'")
+        model = cls(
+            LlamaArch.from_dict(meta["arch"]),
+            meta["separation"],
+            ImageConfig(**meta["image"]),
+            UNetConfig(**meta["unet"]),
+            meta.get("attention", "sdpa"),
+        )
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: missing {WEIGHTS_NAME}")
+        state = load_file(str(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights}: does not match {cfg_file}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        model.base_path = meta.get("base_path")
+        return model.to(dtype or getattr(torch, meta.get("dtype", "float32")))
