@@ -132,7 +132,9 @@ class LlamaFusion(nn.Module):
     ) -> FusionOutput:
         """input_ids: (B, S), ignored at image positions. images: (N, C, H, W) noisy latents, one per
         image id in order, with their diffusion `timesteps` (N,)."""
-        layout = TokenLayout.build(input_ids, modality, image_ids, doc_ids, position_ids)
+        layout = TokenLayout.build(
+            input_ids, modality, image_ids, doc_ids, position_ids, self.image_config.tokens_per_image
+        )
         router = ModalityRouter(layout.modality)
         mask = HybridMask(layout)
         dtype = self.embed_tokens.weight.dtype
@@ -143,7 +145,7 @@ class LlamaFusion(nn.Module):
         num_images = 0
         if router.num_image:
             num_images = layout.num_images
-            images, timesteps = self._check_images(images, timesteps, num_images, router.num_image)
+            images, timesteps = self._check_images(images, timesteps, num_images)
             image_tokens, skip = self.unet_down(images.to(dtype), timesteps)
             h = torch.cat((h, image_tokens.reshape(-1, image_tokens.shape[-1])), dim=0)
 
@@ -167,14 +169,8 @@ class LlamaFusion(nn.Module):
         return FusionOutput(logits, special_logits, noise_pred, text_h, text_index)
 
     def _check_images(
-        self, images: torch.Tensor | None, timesteps: torch.Tensor | None, num_images: int, num_tokens: int
+        self, images: torch.Tensor | None, timesteps: torch.Tensor | None, num_images: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        per_image = self.image_config.tokens_per_image
-        if num_tokens != num_images * per_image:
-            raise ValueError(
-                f"the batch has {num_tokens} image tokens for {num_images} images; each image must have "
-                f"exactly image.tokens_per_image={per_image} contiguous tokens"
-            )
         if images is None or images.shape[0] != num_images:
             got = "none" if images is None else images.shape[0]
             raise ValueError(f"the layout holds {num_images} images but `images` has {got}")

@@ -10,14 +10,32 @@ TEXT = 0
 IMAGE = 1
 
 
-def image_ids_from_runs(modality: torch.Tensor) -> torch.Tensor:
-    """Number each maximal run of image tokens 0, 1, ... in row-major order; text tokens get -1."""
-    is_image = modality == IMAGE
-    prev = torch.zeros_like(is_image)
-    prev[:, 1:] = is_image[:, :-1]
-    starts = (is_image & ~prev).reshape(-1)
-    run_id = torch.cumsum(starts.long(), 0) - 1
-    return torch.where(is_image.reshape(-1), run_id, torch.full_like(run_id, -1)).reshape(modality.shape)
+def image_ids_in_order(modality: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """Number images 0, 1, ... in row-major order, each `tokens_per_image` consecutive image tokens; text gets -1.
+    Counting tokens rather than runs keeps two adjacent images (no BOI/EOI between them) apart."""
+    is_image = (modality == IMAGE).reshape(-1)
+    ids = torch.div(torch.cumsum(is_image.long(), 0) - 1, tokens_per_image, rounding_mode="floor")
+    return torch.where(is_image, ids, torch.full_like(ids, -1)).reshape(modality.shape)
+
+
+def check_images_contiguous(image_ids: torch.Tensor, tokens_per_image: int) -> None:
+    """Each image must own exactly `tokens_per_image` adjacent positions of one row, numbered in order."""
+    flat = image_ids.reshape(-1)
+    where = torch.nonzero(flat >= 0).squeeze(1)
+    if where.numel() == 0:
+        return
+    ids = flat[where]
+    expected = torch.div(torch.arange(ids.numel(), device=ids.device), tokens_per_image, rounding_mode="floor")
+    if ids.numel() % tokens_per_image or not torch.equal(ids, expected):
+        raise ValueError(
+            f"image tokens must come in runs of image.tokens_per_image={tokens_per_image} with image ids "
+            f"0, 1, ... in order; got {ids.numel()} image tokens with ids {torch.unique(ids).tolist()[:8]}"
+        )
+    seq = image_ids.shape[1]
+    same_image = ids[1:] == ids[:-1]
+    adjacent = (where[1:] == where[:-1] + 1) & (where[1:] // seq == where[:-1] // seq)
+    if not bool(adjacent[same_image].all()):
+        raise ValueError("an image's tokens must be adjacent positions in one row")
 
 
 def positions_from_documents(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -56,7 +74,10 @@ class TokenLayout:
         image_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        tokens_per_image: int | None = None,
     ) -> TokenLayout:
+        """Fills the defaults: all text, images numbered in order (needs tokens_per_image), one document,
+        positions restarting per document. With tokens_per_image, checks every image is one contiguous run."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         shape, device = input_ids.shape, input_ids.device
@@ -70,9 +91,13 @@ class TokenLayout:
         if bool(((modality != TEXT) & (modality != IMAGE)).any()):
             raise ValueError(f"modality must hold only {TEXT} (text) and {IMAGE} (image)")
         if image_ids is None:
-            image_ids = image_ids_from_runs(modality)
+            if tokens_per_image is None and bool((modality == IMAGE).any()):
+                raise ValueError("image_ids or tokens_per_image is needed to tell images apart")
+            image_ids = image_ids_in_order(modality, tokens_per_image or 1)
         elif bool(((image_ids >= 0) != (modality == IMAGE)).any()):
             raise ValueError("image_ids must be >= 0 exactly at image tokens and -1 at text tokens")
+        if tokens_per_image is not None:
+            check_images_contiguous(image_ids, tokens_per_image)
         if doc_ids is None:
             doc_ids = torch.zeros(shape, dtype=torch.long, device=device)
         if position_ids is None:

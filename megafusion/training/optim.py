@@ -1,0 +1,45 @@
+"""AdamW over decoupled text/image parameter groups, and the warmup + cosine-to-floor LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from megafusion.config.schema import OptimConfig
+from megafusion.model.fusion import LlamaFusion
+
+
+def build_optimizer(model: LlamaFusion, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Groups `text` / `image` (each split into decayed matrices and undecayed norms/vectors). A group with
+    lr 0 is frozen: requires_grad=False, so it gets no weight gradients and no optimizer state."""
+    lrs = {"text": cfg.lr_text, "image": cfg.lr_image}
+    param_groups = []
+    for group, named in model.grouped_parameters().items():
+        lr = lrs[group]
+        if lr == 0:
+            for _, p in named:
+                p.requires_grad_(False)
+            continue
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        for suffix, params, wd in (("", decay, cfg.weight_decay), ("_no_decay", no_decay, 0.0)):
+            if params:
+                param_groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": group + suffix})
+    if not param_groups:
+        raise ValueError("every parameter group has lr 0: nothing to train")
+    return torch.optim.AdamW(param_groups, lr=cfg.lr_image, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Multiplier of each group's peak lr: linear warmup, cosine decay to lr_min_image / lr_image, then flat."""
+    floor = cfg.lr_min_image / cfg.lr_image
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
