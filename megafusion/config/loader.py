@@ -106,7 +106,8 @@ def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
     except ValueError as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{source}: key '{prefix + '.' if prefix else ''}{err}") from err
+        name, _, reason = str(err).partition(": ")
+        raise ConfigError(f"{source}: key '{prefix + '.' if prefix else ''}{name}': {reason}") from err
 
 
 def parse_cli_overrides(args: list[str]) -> dict[str, Any]:

@@ -1,0 +1,36 @@
+"""The DDPM cosine schedule against diffusers' DDPMScheduler (the independent reference)."""
+
+import torch
+from diffusers import DDPMScheduler
+
+from megafusion.config.schema import DiffusionConfig
+from megafusion.diffusion.schedule import DDPMSchedule
+
+
+def _reference():
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def test_alphas_cumprod_match_diffusers():
+    ours = DDPMSchedule(DiffusionConfig(num_train_timesteps=1000))
+    ref = _reference()
+    assert ours.alphas_cumprod.shape == ref.alphas_cumprod.shape == (1000,)
+    torch.testing.assert_close(ours.alphas_cumprod.float(), ref.alphas_cumprod, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.betas.float(), ref.betas, atol=1e-6, rtol=0)
+
+
+def test_add_noise_matches_diffusers():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 8, 6, 6, generator=g), torch.randn(4, 8, 6, 6, generator=g)
+    t = torch.tensor([0, 250, 500, 999])
+    torch.testing.assert_close(DDPMSchedule().add_noise(x0, noise, t), _reference().add_noise(x0, noise, t),
+                               atol=1e-5, rtol=0)
+
+
+def test_image_first_timesteps_are_capped():
+    schedule = DDPMSchedule(DiffusionConfig(image_first_max_timestep=300))
+    first = torch.tensor([True, False] * 4000)
+    t = schedule.sample_timesteps(first, torch.Generator().manual_seed(0))
+    assert t[first].max() <= 300 and t[first].min() == 0
+    assert t[~first].max() > 900 and t[~first].max() <= 999
+    assert abs(t[~first].float().mean().item() - 499.5) < 15

@@ -1,0 +1,55 @@
+"""Transfusion objective: targets, LM loss against transformers, and the weighted sum."""
+
+import torch
+
+from megafusion.diffusion.schedule import DDPMSchedule
+from megafusion.model import LlamaFusion
+from megafusion.training.objective import IGNORE_INDEX, TransfusionObjective, next_token_targets
+from tests.helpers import TINY_IMAGE, TINY_UNET, mixed_batch, save_tiny_llama
+
+X = IGNORE_INDEX
+
+
+def test_next_token_targets_by_hand():
+    ids = torch.tensor([[10, 11, 90, 0, 0, 91, 12, 13, 14]])
+    modality = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0, 0]])
+    docs = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1]])
+    labels = ids.clone()
+    labels[0, 8] = X
+    got = next_token_targets(ids, modality, docs, labels)
+    # 10->11, 11->BOI(90), BOI->image (ignored), image rows ignored, EOI->12, 12->13 crosses documents, 13->masked
+    assert got.tolist() == [[11, 90, X, X, 91, 12, X, X, X]]
+
+
+def test_text_only_lm_loss_equals_transformers_loss(tmp_path):
+    ref = save_tiny_llama(tmp_path, "gqa-untied")
+    model = LlamaFusion.from_llama(tmp_path, image=TINY_IMAGE, unet=TINY_UNET)
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # The objective's softmax also covers BOI/EOI: append their logits to the reference's before the CE.
+        special = model(input_ids=ids).special_logits
+        logits = torch.cat((ref(ids).logits, special), dim=-1)
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 99), ids[:, 1:].reshape(-1))
+        out = TransfusionObjective(DDPMSchedule(), loss_weight=5.0)(model, ids)
+    torch.testing.assert_close(out.lm_loss, expected, atol=1e-5, rtol=0)
+    assert out.num_images == 0 and out.diffusion_loss.item() == 0.0
+    assert out.num_text_targets == 2 * 29
+
+
+def test_loss_is_lm_plus_weighted_diffusion(tmp_path):
+    save_tiny_llama(tmp_path, "gqa-untied")
+    model = LlamaFusion.from_llama(tmp_path, image=TINY_IMAGE, unet=TINY_UNET)
+    batch = mixed_batch(97, TINY_IMAGE)
+    with torch.no_grad():
+        a = TransfusionObjective(DDPMSchedule(), 5.0)(model, batch["input_ids"], batch["modality"],
+                                                       latents=batch["images"], generator=torch.Generator())
+        # Recompute the diffusion term independently: same seed -> same t and noise.
+        g = torch.Generator()
+        t = DDPMSchedule().sample_timesteps(torch.zeros(2, dtype=torch.bool), g)
+        noise = torch.randn(batch["images"].shape, generator=g)
+        noisy = DDPMSchedule().add_noise(batch["images"], noise, t)
+        out = model(batch["input_ids"], batch["modality"], images=noisy, timesteps=t)
+    mse = torch.mean((out.noise_pred - noise) ** 2)
+    torch.testing.assert_close(a.diffusion_loss, mse)
+    torch.testing.assert_close(a.loss, a.lm_loss + 5.0 * mse)
+    assert a.num_images == 2
