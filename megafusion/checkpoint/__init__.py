@@ -1,0 +1,1 @@
+"""Base-model checkpoints: fetching the real base LLM and converting GGUF files to HF layout."""

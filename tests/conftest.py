@@ -1,0 +1,23 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """Converted fp32 HF directory of SmolLM2-135M-Instruct (downloaded and converted once, then cached)."""
+    from megafusion.checkpoint.fetch_base import fetch_base
+
+    return fetch_base("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The original Q4_1 GGUF file of SmolLM2-135M-Instruct, from the same cache."""
+    from megafusion.checkpoint.fetch_base import fetch_gguf
+
+    return fetch_gguf("smollm2-135m")
