@@ -1,0 +1,1 @@
+"""Data pipeline: image sources, demo datasets, VAE latents in WebDataset shards, the packed streaming loader."""

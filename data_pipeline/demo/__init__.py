@@ -1,0 +1,1 @@
+"""Built-in demo datasets with fixed train/test splits."""

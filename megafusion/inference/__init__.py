@@ -1,0 +1,1 @@
+"""Inference: text generation with a KV cache, image generation, captioning, interleaving, editing."""
