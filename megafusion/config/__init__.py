@@ -8,6 +8,7 @@ from megafusion.config.loader import (
     parse_cli_overrides,
 )
 from megafusion.config.schema import (
+    DataConfig,
     DiffusionConfig,
     ImageConfig,
     MegaFusionConfig,
@@ -18,6 +19,7 @@ from megafusion.config.schema import (
 
 __all__ = [
     "ConfigError",
+    "DataConfig",
     "DiffusionConfig",
     "ImageConfig",
     "MegaFusionConfig",
