@@ -7,7 +7,6 @@ is already complete (a shard is written to a temp file and renamed, with a sidec
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,16 +14,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from webdataset import TarWriter
 
-from megafusion.data_pipeline.shard_format import (
-    CAPTION_FIELD,
-    INDEX_NAME,
-    LATENT_FIELD,
-    META_FIELD,
-    encode_latent,
-    shard_name,
-)
+from megafusion.data_pipeline.shard_format import INDEX_NAME, shard_name, write_json_atomic, write_shard_file
 from megafusion.data_pipeline.sources import RawSample, SkipLog, center_crop_resize, image_to_tensor, iter_source
 from megafusion.data_pipeline.vae import load_vae, vae_identity
 
@@ -40,12 +31,6 @@ class PrecomputeSummary:
     samples_skipped: int
     seconds: float
     index_written: bool
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _batched(items: list[RawSample], size: int) -> Iterator[list[RawSample]]:
@@ -71,12 +56,12 @@ class LatentShardWriter:
 
     def write_shard(self, path: Path, samples: list[RawSample], progress: tqdm | None = None) -> dict:
         skips = SkipLog()
-        written = 0
-        shape = None
+        shape: list[int] | None = None
         # Seeded per shard so a rerun or another rank produces the same posterior samples.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(path.stem.split("-")[-1]))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh, TarWriter(fh, encoder=False) as tar:
+
+        def items() -> Iterator[tuple[str, torch.Tensor, str]]:
+            nonlocal shape
             for batch in _batched(samples, self.batch_size):
                 keep, pixels = [], []
                 for sample in batch:
@@ -93,20 +78,14 @@ class LatentShardWriter:
                 if keep:
                     latents = self.encode(torch.stack(pixels), generator)
                     shape = list(latents.shape[1:])
-                    for sample, latent in zip(keep, latents, strict=True):
-                        tar.write({
-                            "__key__": f"{written:08d}",
-                            LATENT_FIELD: encode_latent(latent),
-                            CAPTION_FIELD: sample.caption.encode("utf-8"),
-                            META_FIELD: json.dumps({"source_key": sample.key}).encode("utf-8"),
-                        })
-                        written += 1
+                    yield from ((s.caption, lat, s.key) for s, lat in zip(keep, latents, strict=True))
                 if progress is not None:
                     progress.update(len(batch))
-        os.replace(tmp, path)
-        sidecar = {"shard": path.name, "count": written, "latent_shape": shape, "skipped": skips.entries,
+
+        count = write_shard_file(path, items())
+        sidecar = {"shard": path.name, "count": count, "latent_shape": shape, "skipped": skips.entries,
                    "source_keys": [s.key for s in samples]}
-        _write_json_atomic(path.with_suffix(SIDECAR_SUFFIX), sidecar)
+        write_json_atomic(path.with_suffix(SIDECAR_SUFFIX), sidecar)
         return sidecar
 
 
@@ -137,7 +116,7 @@ def precompute_latents(
     samples = list(iter_source(source, source_skips, split=split, resolution=resolution))
     if not samples:
         raise ValueError(f"{source}: no samples found (skipped: {source_skips.entries[:5]})")
-    _write_json_atomic(out / SOURCE_SKIPS_NAME, {"skipped": source_skips.entries})
+    write_json_atomic(out / SOURCE_SKIPS_NAME, {"skipped": source_skips.entries})
     chunks = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     mine = [k for k in range(len(chunks)) if k % world_size == rank]
     todo = [k for k in mine if not _is_complete(out / shard_name(k))]
@@ -187,5 +166,5 @@ def _write_index_if_complete(out: Path, num_shards: int, vae_dir: str | Path, re
         "num_skipped": len(skipped),
         "skipped": skipped,
     }
-    _write_json_atomic(out / INDEX_NAME, index)
+    write_json_atomic(out / INDEX_NAME, index)
     return True

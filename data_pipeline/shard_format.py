@@ -6,13 +6,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 log = logging.getLogger(__name__)
@@ -73,3 +75,27 @@ def read_index(shard_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err})") from err
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def write_shard_file(path: Path, items: Iterable[tuple[str, torch.Tensor, str]]) -> int:
+    """Writes (caption, latent, source_key) items as one shard; temp file + rename, so a shard is whole or absent.
+    Returns the number of samples written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    with open(tmp, "wb") as fh, TarWriter(fh, encoder=False) as tar:
+        for caption, latent, source_key in items:
+            tar.write({
+                "__key__": f"{count:08d}",
+                LATENT_FIELD: encode_latent(latent),
+                CAPTION_FIELD: caption.encode("utf-8"),
+                META_FIELD: json.dumps({"source_key": source_key}).encode("utf-8"),
+            })
+            count += 1
+    os.replace(tmp, path)
+    return count

@@ -146,3 +146,11 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         return SentencePieceTokenizer(str(path))
     except (RuntimeError, OSError) as err:
         raise ValueError(f"{path}: neither a tiktoken BPE file nor a sentencepiece model ({err})") from err
+
+
+def write_byte_level_tiktoken(path: str | Path) -> Path:
+    """A tiktoken BPE file of the 256 single bytes and no merges: a tokenizer for tiny random models that needs no
+    download (vocabulary 256 + Llama-3's 256 special tokens = 512)."""
+    path = Path(path)
+    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    return path

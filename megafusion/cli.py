@@ -24,6 +24,18 @@ def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    import logging
+
+    from megafusion.config import load_config
+    from megafusion.training.trainer import train
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, overrides)  # the whole config is validated before any work
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
 def _cmd_export_text(args: argparse.Namespace) -> int:
     from megafusion.checkpoint.text_export import export_text_model
     from megafusion.model import LlamaFusion
@@ -45,9 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="validate a YAML config with --section.key=value overrides and print it")
     p.add_argument("--config", default=None, help="YAML file under configs/ (defaults when omitted)")
 
+    p = sub.add_parser("train", help="train (or resume) with DeepSpeed: --config X.yaml [--section.key=value ...]")
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
+
     p = sub.add_parser("export-text", help="export the text part of a saved LlamaFusion as an HF Llama directory")
     p.add_argument("--model", required=True, help="directory written by LlamaFusion.save_pretrained")
     p.add_argument("--out", required=True)
+
+    from megafusion.inference.cli import add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 
@@ -59,10 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             return _cmd_config(args, rest)
+        if args.command == "train":
+            return _cmd_train(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "fetch-base":
             return _cmd_fetch_base(args)
+        if args.command == "generate":
+            from megafusion.inference.cli import run_generate
+
+            return run_generate(args)
         return _cmd_export_text(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"megafusion {args.command}: error: {err}", file=sys.stderr)

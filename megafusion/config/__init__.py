@@ -14,6 +14,7 @@ from megafusion.config.schema import (
     MegaFusionConfig,
     ModelConfig,
     OptimConfig,
+    TrainConfig,
     UNetConfig,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "MegaFusionConfig",
     "ModelConfig",
     "OptimConfig",
+    "TrainConfig",
     "UNetConfig",
     "apply_overrides",
     "config_to_dict",

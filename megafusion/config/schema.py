@@ -20,7 +20,6 @@ class ModelConfig:
     # HF Llama directory (config.json + safetensors) or a .gguf file.
     base: str = ""
     separation: Separation = "deep"
-    dtype: Literal["float32", "bfloat16"] = "float32"
     attention: Literal["sdpa"] = "sdpa"
 
 
@@ -152,6 +151,50 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The training run: DeepSpeed engine settings, checkpoints, logging, guards."""
+
+    output_dir: str = "runs/default"
+    # Sequences per rank per micro-step; global batch = micro_batch_size x grad_accum_steps x world size.
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    # 0 = optim.total_steps (a shorter run keeps the full LR schedule's shape).
+    max_steps: int = 0
+    zero_stage: int = 2
+    # Optional DeepSpeed JSON (e.g. configs/deepspeed/zero3.json); its keys override the generated config.
+    deepspeed_config: str = ""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    log_every: int = 1
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: bool = True
+    # K non-finite losses in a row stop the run; each one alone is skipped and counted.
+    max_nonfinite_in_a_row: int = 5
+    # Peak dense TFLOP/s of one device (benchmarks/matmul_peak.py measures it); 0 = do not report MFU.
+    peak_tflops: float = 0.0
+    wandb: Literal["off", "offline", "online"] = "off"
+    wandb_project: str = "megafusion"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.micro_batch_size >= 1, f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+        _require(self.grad_accum_steps >= 1, f"grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
+        _require(self.max_steps >= 0, f"max_steps: must be >= 0, got {self.max_steps}")
+        _require(self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(self.grad_clip >= 0, f"grad_clip: must be >= 0, got {self.grad_clip}")
+        _require(self.log_every >= 1, f"log_every: must be >= 1, got {self.log_every}")
+        _require(self.save_every >= 1, f"save_every: must be >= 1, got {self.save_every}")
+        _require(self.keep_last >= 1, f"keep_last: must be >= 1, got {self.keep_last}")
+        _require(
+            self.max_nonfinite_in_a_row >= 1,
+            f"max_nonfinite_in_a_row: must be >= 1, got {self.max_nonfinite_in_a_row}",
+        )
+        _require(self.peak_tflops >= 0, f"peak_tflops: must be >= 0, got {self.peak_tflops}")
+
+
+@dataclass
 class MegaFusionConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -159,3 +202,4 @@ class MegaFusionConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

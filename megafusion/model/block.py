@@ -41,8 +41,14 @@ class FusionBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: HybridMask,
         attention: AttentionFn,
-    ) -> torch.Tensor:
-        """h: (tokens, hidden) in the router's grouped order; returns the same layout."""
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """h: (tokens, hidden) in the router's grouped order; returns the same layout.
+
+        With `past_kv` (post-RoPE keys and values of earlier tokens, each (B, H_kv, P, D)) the new tokens also
+        attend to them and `mask` covers [past + new] keys. With `return_kv` returns (h, (keys, values)) of
+        past + new, the next cache entry of this layer. (One entry point, so module hooks, e.g. FSDP's, run.)"""
         qkv = router.to_sequence(self.attn_in(h, router))
         b, s = router.batch, router.seq
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -52,6 +58,9 @@ class FusionBlock(nn.Module):
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_kv is not None:
+            k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
         o = attention(q, k, v, mask).transpose(1, 2).reshape(b, s, q_dim)
         h = h + self.attn_out(router.to_grouped(o), router)
-        return h + self.ffn(h, router)
+        h = h + self.ffn(h, router)
+        return (h, (k, v)) if return_kv else h

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,8 @@ from megafusion.config.schema import SEPARATIONS, ImageConfig, UNetConfig
 from megafusion.model.arch import LlamaArch
 from megafusion.model.attention import ATTENTION_BACKENDS
 from megafusion.model.block import FusionBlock
-from megafusion.model.hybrid_mask import HybridMask
+from megafusion.model.hybrid_mask import CachedHybridMask, HybridMask
+from megafusion.model.kv_cache import KVCache
 from megafusion.model.layers import RMSNorm
 from megafusion.model.layout import TokenLayout
 from megafusion.model.rope import RotaryEmbedding
@@ -42,6 +43,8 @@ class FusionOutput:
     # (N_text, hidden) final-normed hidden states of text tokens and their flat (B*S) indices.
     text_hidden: torch.Tensor
     text_index: torch.Tensor
+    # With use_cache: the cache of [past + these tokens]; the cache passed in is left unchanged.
+    past_key_values: KVCache | None = None
 
 
 class LlamaFusion(nn.Module):
@@ -129,14 +132,24 @@ class LlamaFusion(nn.Module):
         images: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         compute_logits: bool = True,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
     ) -> FusionOutput:
         """input_ids: (B, S), ignored at image positions. images: (N, C, H, W) noisy latents, one per
-        image id in order, with their diffusion `timesteps` (N,)."""
+        image id in order, with their diffusion `timesteps` (N,).
+
+        KV cache: with `past_key_values` the S tokens are a continuation of the cached ones: they attend to
+        [cached + new] under the hybrid rule, and every image must lie wholly inside this chunk (image ids are
+        chunk-local, like `images`). Defaults then continue the cache: doc_ids = the last cached token's,
+        position_ids = its position + 1, 2, ... With `use_cache` the output carries the cache of past + new."""
         layout = TokenLayout.build(
-            input_ids, modality, image_ids, doc_ids, position_ids, self.image_config.tokens_per_image
+            input_ids, modality, image_ids, self._cached_doc_ids(input_ids, doc_ids, past_key_values),
+            position_ids, self.image_config.tokens_per_image,
         )
+        if past_key_values is not None and position_ids is None:
+            layout = replace(layout, position_ids=past_key_values.continuation_positions(layout.doc_ids))
         router = ModalityRouter(layout.modality)
-        mask = HybridMask(layout)
+        mask, cache_image_ids = self._mask(layout, past_key_values)
         dtype = self.embed_tokens.weight.dtype
 
         text_ids = router.to_grouped(input_ids)[: router.num_text]
@@ -151,8 +164,16 @@ class LlamaFusion(nn.Module):
 
         rope = self.rotary(layout.position_ids, dtype)
         attention = ATTENTION_BACKENDS[self.attention_backend]
-        for layer in self.layers:
-            h = layer(h, router, rope, mask, attention)
+        cached = past_key_values is not None or use_cache
+        new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, layer in enumerate(self.layers):
+            if not cached:
+                h = layer(h, router, rope, mask, attention)
+                continue
+            past = None if past_key_values is None else (past_key_values.keys[i], past_key_values.values[i])
+            h, kv = layer(h, router, rope, mask, attention, past_kv=past, return_kv=True)
+            if use_cache:
+                new_kv.append(kv)
 
         text_h, image_h = router.split(h)
         text_h = self.norm(text_h)
@@ -166,7 +187,53 @@ class LlamaFusion(nn.Module):
         logits = special_logits = None
         if compute_logits:
             logits, special_logits = self._scatter_logits(*self.lm_logits(text_h), router, text_index)
-        return FusionOutput(logits, special_logits, noise_pred, text_h, text_index)
+        cache = None
+        if use_cache:
+            cache = self._extend_cache(past_key_values, new_kv, layout, cache_image_ids)
+        return FusionOutput(logits, special_logits, noise_pred, text_h, text_index, cache)
+
+    # ------------------------------------------------------------------ KV cache
+    def _cached_doc_ids(
+        self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None, past: KVCache | None
+    ) -> torch.Tensor | None:
+        if past is None:
+            return doc_ids
+        if past.batch_size != input_ids.shape[0]:
+            raise ValueError(f"past_key_values holds {past.batch_size} rows but input_ids has {input_ids.shape[0]}")
+        if past.num_layers != len(self.layers):
+            raise ValueError(f"past_key_values has {past.num_layers} layers, the model {len(self.layers)}")
+        if doc_ids is not None or len(past) == 0:
+            return doc_ids
+        return past.doc_ids[:, -1:].expand_as(input_ids)
+
+    @staticmethod
+    def _mask(layout: TokenLayout, past: KVCache | None) -> tuple[HybridMask, torch.Tensor]:
+        """The chunk's mask, and its image ids made unique against the cache's (chunk-local ids restart at 0)."""
+        if past is None:
+            return HybridMask(layout), layout.image_ids
+        offset = past.next_image_id
+        image_ids = torch.where(layout.image_ids >= 0, layout.image_ids + offset, layout.image_ids)
+        mask = CachedHybridMask(replace(layout, image_ids=image_ids), past.doc_ids, past.image_ids)
+        return mask, image_ids
+
+    @staticmethod
+    def _extend_cache(
+        past: KVCache | None,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        layout: TokenLayout,
+        image_ids: torch.Tensor,
+    ) -> KVCache:
+        # Layers already concatenated past + new keys for attention; only the layout rows are appended here.
+        def extend(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+            return new if old is None else torch.cat((old, new), dim=1)
+
+        return KVCache(
+            tuple(k for k, _ in kv),
+            tuple(v for _, v in kv),
+            extend(None if past is None else past.doc_ids, layout.doc_ids),
+            extend(None if past is None else past.image_ids, image_ids),
+            extend(None if past is None else past.position_ids, layout.position_ids),
+        )
 
     def _check_images(
         self, images: torch.Tensor | None, timesteps: torch.Tensor | None, num_images: int

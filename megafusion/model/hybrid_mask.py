@@ -2,7 +2,8 @@
 
 allowed(i, j) = same document AND (j <= i OR i and j belong to the same image).
 Attention backends consume a HybridMask; a FlexAttention or Triton backend can read `mask_mod` or the
-per-token ids instead of the dense matrix."""
+per-token ids instead of the dense matrix. With a KV cache, CachedHybridMask applies the same rule to the rows
+of the new tokens only, over [cached + new] keys."""
 
 from __future__ import annotations
 
@@ -53,3 +54,42 @@ class HybridMask:
     def density(self) -> float:
         """Fraction of (query, key) pairs that are computed; used for honest FLOP counts."""
         return float(self.dense().float().mean())
+
+
+def cached_hybrid_allowed(
+    past_doc: torch.Tensor, past_img: torch.Tensor, new_doc: torch.Tensor, new_img: torch.Tensor
+) -> torch.Tensor:
+    """Boolean (B, S, P+S): the rows of the S new tokens of the dense mask over the sequence [P cached, S new].
+    Image ids must already be distinct between cached and new images (a new chunk holds whole images)."""
+    past_len, new_len = past_doc.shape[1], new_doc.shape[1]
+    device = new_doc.device
+    q_idx = torch.arange(past_len, past_len + new_len, device=device)
+    kv_idx = torch.arange(past_len + new_len, device=device)
+    kv_doc = torch.cat((past_doc, new_doc), dim=1)
+    kv_img = torch.cat((past_img, new_img), dim=1)
+    return hybrid_allowed(
+        q_idx[None, :, None],
+        kv_idx[None, None, :],
+        new_doc[:, :, None],
+        kv_doc[:, None, :],
+        new_img[:, :, None],
+        kv_img[:, None, :],
+    )
+
+
+class CachedHybridMask(HybridMask):
+    """The mask of a chunk of new tokens (`layout`, image ids already offset past the cache's) attending to
+    cached keys (`past_doc_ids`, `past_image_ids`) and to each other."""
+
+    def __init__(self, layout: TokenLayout, past_doc_ids: torch.Tensor, past_image_ids: torch.Tensor) -> None:
+        super().__init__(layout)
+        self.past_doc_ids, self.past_image_ids = past_doc_ids, past_image_ids
+        # SDPA's is_causal aligns the diagonal top-left, which is wrong once queries start after cached keys.
+        self.is_causal_only = self.is_causal_only and past_doc_ids.shape[1] == 0
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = cached_hybrid_allowed(
+                self.past_doc_ids, self.past_image_ids, self.layout.doc_ids, self.layout.image_ids
+            )
+        return self._dense

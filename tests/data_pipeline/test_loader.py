@@ -5,7 +5,8 @@ import torch
 
 from megafusion.config.schema import DataConfig
 from megafusion.data_pipeline.loader import LatentSequenceStream, build_loader
-from tests.data_pipeline.shard_helpers import make_latent_shards, write_byte_tiktoken
+from megafusion.data_pipeline.tokenizer import write_byte_level_tiktoken as write_byte_tiktoken
+from tests.data_pipeline.shard_helpers import make_latent_shards
 
 BOI, EOI = 512, 513
 

@@ -4,7 +4,7 @@ import pytest
 import sentencepiece as spm
 
 from megafusion.data_pipeline.tokenizer import load_tokenizer
-from tests.data_pipeline.shard_helpers import write_byte_tiktoken
+from megafusion.data_pipeline.tokenizer import write_byte_level_tiktoken as write_byte_tiktoken
 
 
 def test_tiktoken_tokenizer_model(tmp_path):

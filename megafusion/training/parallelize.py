@@ -1,0 +1,62 @@
+"""How a LlamaFusion model is distributed and memory-managed for training (kept apart from what the model is):
+the DeepSpeed config for a TrainConfig, and per-layer activation checkpointing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+
+from megafusion.config.schema import TrainConfig
+from megafusion.model.block import FusionBlock
+from megafusion.model.fusion import LlamaFusion
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
+    """The engine config generated from the run config; a user JSON (train.deepspeed_config) is merged on top."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        # Our optimizer is torch's AdamW over decoupled groups; ZeRO shards its state all the same.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if train.deepspeed_config:
+        path = Path(train.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"train.deepspeed_config: cannot read {path}: {err}") from err
+        config = _merge(config, user)
+        # The run config owns these; a JSON that disagrees would silently change the global batch.
+        for key, ours in (("train_micro_batch_size_per_gpu", train.micro_batch_size),
+                          ("gradient_accumulation_steps", train.grad_accum_steps)):
+            if config[key] != ours:
+                raise ValueError(f"{path}: '{key}' = {config[key]} disagrees with train config ({ours})")
+    return config
+
+
+def apply_layer_checkpointing(model: LlamaFusion) -> None:
+    """Recompute each FusionBlock's activations in backward instead of storing them."""
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: isinstance(m, FusionBlock),
+    )
