@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -81,9 +82,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
+    # Other work on the machine lowers the numbers; say how busy it was so a low result can be read as such.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results = measure(args.sizes, args.dtypes, device, args.repeats, args.min_time)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"matmul peak on {label} (torch {torch.__version__}), median of {args.repeats} repeats")
+    if load is not None and device.type == "cpu" and load > 0.5:
+        print(f"  note: 1-min load average was {load:.1f} on {os.cpu_count()} CPUs before the run; "
+              "other processes lower these numbers")
     for name, by_size in results.items():
         for n, gflops in by_size.items():
             print(f"  {name:5s} {n:5d}^3  {gflops:9.1f} GFLOP/s")
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "device": label,
         "torch": torch.__version__,
         "repeats": args.repeats,
+        "load_average_1min": None if load is None else round(load, 2),
         "gflops": {name: {str(n): round(v, 1) for n, v in by_size.items()} for name, by_size in results.items()},
         "peak_gflops": {name: round(v, 1) for name, v in peaks.items()},
         "peak_tflops": {name: round(v / 1e3, 4) for name, v in peaks.items()},

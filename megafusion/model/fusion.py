@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import ModelOutput
 
 from megafusion.config.schema import SEPARATIONS, ImageConfig, UNetConfig
 from megafusion.model.arch import LlamaArch
@@ -33,18 +34,24 @@ IMAGE_GROUP_PREFIXES = ("unet_down.", "unet_up.", "special_embed", "special_head
 
 
 @dataclass
-class FusionOutput:
+class FusionOutput(ModelOutput):
+    """A dict as well as a dataclass (transformers' ModelOutput), so hooks that walk outputs (DeepSpeed ZeRO-3)
+    find the tensors inside."""
+
     # (B, S, V) over the base vocabulary; rows of image tokens are zero (the LM head is text-only).
-    logits: torch.Tensor | None
+    logits: torch.Tensor | None = None
     # (B, S, 2) logits of the new BOI / EOI tokens, kept apart so `logits` is exactly the base LM's.
-    special_logits: torch.Tensor | None
+    special_logits: torch.Tensor | None = None
     # (N_images, C, H, W) predicted noise, or None when the batch holds no image.
-    noise_pred: torch.Tensor | None
+    noise_pred: torch.Tensor | None = None
     # (N_text, hidden) final-normed hidden states of text tokens and their flat (B*S) indices.
-    text_hidden: torch.Tensor
-    text_index: torch.Tensor
+    text_hidden: torch.Tensor | None = None
+    text_index: torch.Tensor | None = None
     # With use_cache: the cache of [past + these tokens]; the cache passed in is left unchanged.
     past_key_values: KVCache | None = None
+    # With lm_targets: logits over base vocabulary + BOI/EOI for exactly the text rows that have a target.
+    lm_logits: torch.Tensor | None = None
+    lm_targets: torch.Tensor | None = None
 
 
 class LlamaFusion(nn.Module):
@@ -120,7 +127,9 @@ class LlamaFusion(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits over the base vocabulary, logits of BOI/EOI) for final-normed text hidden states."""
-        return nn.functional.linear(hidden, self.lm_head_weight), nn.functional.linear(hidden, self.special_head)
+        # The untied head is called as a module so parameter-gathering hooks (ZeRO-3) see it.
+        logits = self.lm_head(hidden) if self.lm_head is not None else nn.functional.linear(hidden, self.lm_head_weight)
+        return logits, nn.functional.linear(hidden, self.special_head)
 
     def forward(
         self,
@@ -134,6 +143,7 @@ class LlamaFusion(nn.Module):
         compute_logits: bool = True,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        lm_targets: torch.Tensor | None = None,
     ) -> FusionOutput:
         """input_ids: (B, S), ignored at image positions. images: (N, C, H, W) noisy latents, one per
         image id in order, with their diffusion `timesteps` (N,).
@@ -141,7 +151,10 @@ class LlamaFusion(nn.Module):
         KV cache: with `past_key_values` the S tokens are a continuation of the cached ones: they attend to
         [cached + new] under the hybrid rule, and every image must lie wholly inside this chunk (image ids are
         chunk-local, like `images`). Defaults then continue the cache: doc_ids = the last cached token's,
-        position_ids = its position + 1, 2, ... With `use_cache` the output carries the cache of past + new."""
+        position_ids = its position + 1, 2, ... With `use_cache` the output carries the cache of past + new.
+
+        Training: `lm_targets` (B, S) next-token targets (-100 = none) make the LM head run only on the text rows
+        that have one, inside this forward (where sharded parameters are gathered)."""
         layout = TokenLayout.build(
             input_ids, modality, image_ids, self._cached_doc_ids(input_ids, doc_ids, past_key_values),
             position_ids, self.image_config.tokens_per_image,
@@ -187,10 +200,16 @@ class LlamaFusion(nn.Module):
         logits = special_logits = None
         if compute_logits:
             logits, special_logits = self._scatter_logits(*self.lm_logits(text_h), router, text_index)
+        lm_logits = targets = None
+        if lm_targets is not None:
+            targets = lm_targets.reshape(-1)[text_index]
+            valid = targets != -100
+            targets = targets[valid]
+            lm_logits = torch.cat(self.lm_logits(text_h[valid]), dim=-1)
         cache = None
         if use_cache:
             cache = self._extend_cache(past_key_values, new_kv, layout, cache_image_ids)
-        return FusionOutput(logits, special_logits, noise_pred, text_h, text_index, cache)
+        return FusionOutput(logits, special_logits, noise_pred, text_h, text_index, cache, lm_logits, targets)
 
     # ------------------------------------------------------------------ KV cache
     def _cached_doc_ids(

@@ -69,18 +69,14 @@ class TransfusionObjective:
             timesteps = self.schedule.sample_timesteps(image_first, generator)
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
             noisy = self.schedule.add_noise(latents, noise, timesteps)
+        targets = next_token_targets(input_ids, modality, doc_ids, labels)
         out = model(
             input_ids, modality, image_ids, doc_ids, position_ids, images=noisy, timesteps=timesteps,
-            compute_logits=False,
+            compute_logits=False, lm_targets=targets,
         )
-
-        targets = next_token_targets(input_ids, modality, doc_ids, labels).reshape(-1)[out.text_index]
-        valid = targets != IGNORE_INDEX
-        # The LM head runs only on rows that have a target: no logits for image rows or ignored positions.
-        logits, special = model.lm_logits(out.text_hidden[valid])
-        all_logits = torch.cat((logits, special), dim=-1).float()
-        num_targets = int(valid.sum())
-        lm_loss = F.cross_entropy(all_logits, targets[valid]) if num_targets else all_logits.sum() * 0.0
+        num_targets = int(out.lm_targets.numel())
+        logits = out.lm_logits.float()
+        lm_loss = F.cross_entropy(logits, out.lm_targets) if num_targets else logits.sum() * 0.0
 
         if num_images:
             diffusion_loss = F.mse_loss(out.noise_pred.float(), noise.float())

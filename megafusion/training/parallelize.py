@@ -60,3 +60,12 @@ def apply_layer_checkpointing(model: LlamaFusion) -> None:
         checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
         check_fn=lambda m: isinstance(m, FusionBlock),
     )
+
+
+def register_zero3_external_parameters(model: LlamaFusion) -> None:
+    """ZeRO-3 gathers a parameter only inside its owning module's forward. A tied LM head reads the embedding
+    table from LlamaFusion.forward itself, so that table is declared as used there too."""
+    import deepspeed
+
+    if model.lm_head is None:
+        deepspeed.zero.register_external_parameter(model, model.embed_tokens.weight)

@@ -26,7 +26,11 @@ from megafusion.training.checkpointing import CheckpointManager, hash_weights
 from megafusion.training.metrics import MetricsLogger, peak_memory_bytes
 from megafusion.training.objective import TransfusionObjective, next_token_targets
 from megafusion.training.optim import build_lr_scheduler, build_optimizer
-from megafusion.training.parallelize import apply_layer_checkpointing, deepspeed_config
+from megafusion.training.parallelize import (
+    apply_layer_checkpointing,
+    deepspeed_config,
+    register_zero3_external_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +146,8 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
         model=TransfusionStep(model, objective), optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg.train),
     )
+    if engine.zero_optimization_stage() == 3:
+        register_zero3_external_parameters(model)
     return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer)
 
 

@@ -1,0 +1,144 @@
+"""The DeepSpeed training engine: ZeRO equivalence, exact resume after SIGKILL, crash-safe checkpoints, guards.
+Every run uses configs/tiny-cpu.yaml (built-in random tiny Llama on the built-in 8x8 digits)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megafusion.config import load_config
+from megafusion.model import LlamaFusion
+from megafusion.training.checkpointing import CheckpointManager
+from megafusion.training.trainer import prepare_run
+from tests.distributed import REPO, cpu_env, megafusion_command, run_distributed
+
+pytestmark = pytest.mark.slow
+
+TINY = "configs/tiny-cpu.yaml"
+
+
+def _train_args(out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", TINY, f"--train.output_dir={out}", "--train.max_steps=12", "--train.save_every=4",
+            "--train.keep_last=3", "--no-progress", *extra]
+
+
+def _run(args: list[str], script: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, script, *args] if script else megafusion_command(args)
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """Loss per step; a resumed run re-logs the steps after its checkpoint, the last record of a step wins."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = _run(_train_args(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 13))
+    return losses
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_two_processes_match_one_process(tmp_path, zero):
+    """Same global batch (2 sequences per step): 1 process x 2 accumulation steps vs 2 processes x 1."""
+    results = {}
+    for world, stage in ((1, 0), (2, zero)):
+        out = tmp_path / f"w{world}.json"
+        run_distributed(["tests/training/zero_equivalence_worker.py", f"--zero={stage}", f"--out={out}",
+                         f"--workdir={tmp_path / f'run{world}'}"], world_size=world)
+        results[world] = json.loads(out.read_text())
+    torch.testing.assert_close(torch.tensor(results[2]["losses"]), torch.tensor(results[1]["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    assert results[1]["losses"][0] != results[1]["losses"][-1], "the model did not train"
+    assert results[1]["text_unchanged"] and results[2]["text_unchanged"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(megafusion_command(_train_args(out)), cwd=REPO, env=cpu_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    metrics = out / "metrics.jsonl"
+    # Kill after the step-4 checkpoint exists and a few more steps ran past it.
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert CheckpointManager(out / "checkpoints", 3, {}, 0, 1).latest_tag() is not None
+
+    resumed = _run(_train_args(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert _losses(out) == uninterrupted  # bitwise: fp32 on CPU, same data, RNG and optimizer state
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, uninterrupted):
+    out = tmp_path / "crashed"
+    proc = _run(_train_args(out), script="tests/training/crash_during_checkpoint.py", MEGAFUSION_TEST_CRASH_STEP="8")
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step-00000004"
+    assert (ckpt / "step-00000008").is_dir() and not (ckpt / "step-00000008" / "COMPLETE").exists()
+    assert CheckpointManager(ckpt, 3, {}, 0, 1).latest_tag() == "step-00000004"
+
+    resumed = _run(_train_args(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-00000004 at step 4" in resumed.stderr
+    assert _losses(out) == uninterrupted
+    # keep_last=3 complete checkpoints; the half-written one was replaced by a complete save of step 8.
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step-00000004", "step-00000008",
+                                                                      "step-00000012"]
+
+
+def test_text_parameters_bitwise_unchanged_and_image_set_trained(uninterrupted, tmp_path_factory):
+    # The module-scoped run above trained with lr_text = 0; its checkpoints hold only trainable parameters.
+    out = next(p for p in tmp_path_factory.getbasetemp().iterdir() if p.name.startswith("uninterrupted"))
+    states = torch.load(out / "checkpoints" / "step-00000012" / "mp_rank_00_model_states.pt", weights_only=True)
+    saved = states["module"]
+    assert saved and all(LlamaFusion.parameter_group(k.removeprefix("model.")) == "image" for k in saved)
+
+
+def test_single_nonfinite_loss_is_skipped_and_counted(tmp_path):
+    out = tmp_path / "nan"
+    proc = _run(_train_args(out, "--train.max_steps=4"), script="tests/training/nan_loss_train.py",
+                MEGAFUSION_TEST_NAN_CALLS="2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["nonfinite_skipped"] == 1 and all(r["loss"] == r["loss"] for r in records)
+    assert "non-finite loss at step 3" in proc.stderr
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path):
+    proc = _run(_train_args(tmp_path / "nan", "--train.max_nonfinite_in_a_row=3"),
+                script="tests/training/nan_loss_train.py", MEGAFUSION_TEST_NAN_CALLS="all")
+    assert proc.returncode != 0
+    assert "3 non-finite losses in a row at step 1" in proc.stderr
+
+
+def test_bad_config_stops_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    proc = _run(["train", "--config", TINY, f"--train.output_dir={out}", "--train.zero_stag=2"])
+    assert proc.returncode == 2 and "unknown key 'train.zero_stag'" in proc.stderr
+    proc = _run(["train", "--config", TINY, f"--train.output_dir={out}", "--train.precision=fp8"])
+    assert proc.returncode == 2 and "key 'train.precision'" in proc.stderr
+    assert not out.exists()
+
+
+def test_latent_shape_mismatch_is_caught_before_the_model_is_built():
+    cfg = load_config(TINY, ["--image.latent_channels=4"])
+    with pytest.raises(ValueError, match=r"index.json: latents are \[1, 8, 8\].*\[4, 8, 8\]"):
+        prepare_run(cfg)
