@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from megafusion.data_pipeline.shard_format import LatentRecord, read_index, read
 from megafusion.data_pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+# torchdata 0.11 calls a deprecated torch hook each time a loader starts; there is nothing for a user to act on.
+warnings.filterwarnings("ignore", message=".set_vital. is deprecated")
 
 
 class LatentSequenceStream(IterableDataset):

@@ -36,6 +36,13 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from megafusion.training.export import export_checkpoint
+
+    print(export_checkpoint(args.run, args.out, args.tag))
+    return 0
+
+
 def _cmd_export_text(args: argparse.Namespace) -> int:
     from megafusion.checkpoint.text_export import export_text_model
     from megafusion.model import LlamaFusion
@@ -61,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny-cpu.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
 
+    p = sub.add_parser("export", help="consolidate a training checkpoint into a LlamaFusion directory")
+    p.add_argument("--run", required=True, help="the run's train.output_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
+
     p = sub.add_parser("export-text", help="export the text part of a saved LlamaFusion as an HF Llama directory")
     p.add_argument("--model", required=True, help="directory written by LlamaFusion.save_pretrained")
     p.add_argument("--out", required=True)
@@ -83,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "fetch-base":
             return _cmd_fetch_base(args)
         if args.command == "generate":

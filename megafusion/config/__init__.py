@@ -3,6 +3,7 @@
 from megafusion.config.loader import (
     ConfigError,
     apply_overrides,
+    config_from_dict,
     config_to_dict,
     load_config,
     parse_cli_overrides,
@@ -29,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "UNetConfig",
     "apply_overrides",
+    "config_from_dict",
     "config_to_dict",
     "load_config",
     "parse_cli_overrides",

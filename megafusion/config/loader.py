@@ -173,5 +173,10 @@ def load_config(
     return _build(root, data, "", source)
 
 
+def config_from_dict(data: dict[str, Any], source: str = "dict", root: type[T] = MegaFusionConfig) -> T:
+    """The same strict validation as load_config, for a config stored elsewhere (e.g. in a checkpoint)."""
+    return _build(root, data, "", source)
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from megafusion.config.loader import config_to_dict
 from megafusion.config.schema import MegaFusionConfig
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model.fusion import LlamaFusion
@@ -164,7 +165,7 @@ def forward_backward(engine: Any, batch: dict, generator: torch.Generator) -> tu
 def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics."""
     from megafusion.data_pipeline.loader import LatentSequenceStream, build_loader
-    from megafusion.training.flops import count_step_flops
+    from megafusion.training.flops import count_step_flops, infer_text_needs_input_grad, num_lm_rows
 
     run = setup_training(cfg)
     ctx, rank, world, model, engine, optimizer = run.ctx, run.rank, run.world, run.model, run.engine, run.optimizer
@@ -213,8 +214,9 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
                 targets = next_token_targets(batch["input_ids"], batch["modality"], batch["doc_ids"], batch["labels"])
                 is_image = batch["modality"] == 1
                 sums["flops"] += count_step_flops(
-                    model, layout, int((targets != -100).sum()), text_trainable=not text_frozen,
-                    text_needs_input_grad=True,
+                    model, layout, num_lm_rows(targets, batch["modality"]), text_trainable=not text_frozen,
+                    text_needs_input_grad=infer_text_needs_input_grad(model, layout, batch["input_ids"],
+                                                                      not text_frozen),
                 ).total
                 sums["loss"] += loss.item()
                 sums["lm"] += parts[0].item()
@@ -230,7 +232,7 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
                                 diff=f"{record['diffusion_loss']:.3f}")
             bar.update(1)
             if step % cfg.train.save_every == 0 or step == ctx.max_steps:
-                ckpt.save(engine, step, loader, generator, {"config_repr": repr(cfg)})
+                ckpt.save(engine, step, loader, generator, {"config": config_to_dict(cfg)})
     finally:
         bar.close()
         logger.close()

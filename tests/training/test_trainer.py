@@ -142,3 +142,18 @@ def test_latent_shape_mismatch_is_caught_before_the_model_is_built():
     cfg = load_config(TINY, ["--image.latent_channels=4"])
     with pytest.raises(ValueError, match=r"index.json: latents are \[1, 8, 8\].*\[4, 8, 8\]"):
         prepare_run(cfg)
+
+
+def test_export_consolidates_checkpoint_and_base(uninterrupted, tmp_path_factory, tmp_path):
+    run = next(p for p in tmp_path_factory.getbasetemp().iterdir() if p.name.startswith("uninterrupted"))
+    proc = _run(["export", "--run", str(run), "--out", str(tmp_path / "fused")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = LlamaFusion.from_pretrained(tmp_path / "fused")
+    saved = torch.load(run / "checkpoints" / "step-00000012" / "mp_rank_00_model_states.pt", weights_only=True)
+    params = dict(model.named_parameters())
+    for name, value in saved["module"].items():
+        assert torch.equal(params[name.removeprefix("model.")], value.float()), name
+    base = LlamaFusion.from_llama(prepare_run(load_config(TINY)).base)
+    base_params = dict(base.named_parameters())
+    for name, _ in model.grouped_parameters()["text"]:
+        assert torch.equal(params[name], base_params[name]), name

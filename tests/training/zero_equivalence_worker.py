@@ -37,7 +37,8 @@ def main() -> None:
     world = int(__import__("os").environ["WORLD_SIZE"])
     accum = GLOBAL_BATCH // world
     cfg = load_config("configs/tiny-cpu.yaml", [
-        f"--train.zero_stage={args.zero}", "--train.micro_batch_size=1", f"--train.grad_accum_steps={accum}",
+        f"--train.zero_stage={args.zero}", f"--train.deepspeed_config=configs/deepspeed/zero{args.zero}.json",
+        "--train.micro_batch_size=1", f"--train.grad_accum_steps={accum}",
         "--train.precision=fp32", f"--train.output_dir={args.workdir}",
     ])
     run = setup_training(cfg)

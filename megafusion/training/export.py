@@ -1,0 +1,56 @@
+"""Consolidate a training checkpoint (trainable weights only, any ZeRO stage) with its frozen base into a
+LlamaFusion directory that `LlamaFusion.from_pretrained` loads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from megafusion.config import config_from_dict
+from megafusion.model.fusion import LlamaFusion
+from megafusion.training.checkpointing import CheckpointManager, hash_weights
+
+log = logging.getLogger(__name__)
+MODULE_PREFIX = "model."  # the engine wraps TransfusionStep(model=LlamaFusion)
+
+
+def _trainable_state(checkpoint_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    if zero_stage == 0:
+        states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", weights_only=True)
+        state = states["module"]
+    else:
+        # DeepSpeed's own consolidation: fp32 master weights gathered from every rank's ZeRO shard.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag, exclude_frozen_parameters=True)
+    return {k.removeprefix(MODULE_PREFIX): v.float() for k, v in state.items()}
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+    """run_dir: a `train.output_dir` (holding checkpoints/). Verifies the base weights by hash."""
+    checkpoint_dir = Path(run_dir) / "checkpoints"
+    tag = tag or CheckpointManager(checkpoint_dir, 1, {}, 0, 1).latest_tag()
+    if tag is None:
+        raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint to export")
+    meta = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", weights_only=True)
+    cfg = config_from_dict(meta["config"], source=f"{checkpoint_dir / tag} (stored config)")
+    base = Path(meta["base"]["path"])
+    if not base.exists() or hash_weights(base) != meta["base"]["sha256"]:
+        raise ValueError(f"{checkpoint_dir / tag}: base model {base} is missing or its weights changed since training")
+    model = LlamaFusion.from_llama(base, cfg.model.separation, cfg.image, cfg.unet, attention=cfg.model.attention)
+    trainable = _trainable_state(checkpoint_dir, tag, cfg.train.zero_stage)
+    params = dict(model.named_parameters())
+    unknown = [k for k in trainable if k not in params]
+    if unknown:
+        raise ValueError(f"{checkpoint_dir / tag}: tensors {unknown[:3]} are not parameters of the model")
+    expected = {n for n in params if cfg.optim.lr_text > 0 or LlamaFusion.parameter_group(n) == "image"}
+    missing = sorted(expected - trainable.keys())
+    if missing:
+        raise ValueError(f"{checkpoint_dir / tag}: trainable parameters missing from the checkpoint: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    model.base_path = str(base)
+    return model.save_pretrained(out_dir)
