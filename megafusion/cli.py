@@ -36,6 +36,25 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _cmd_precompute_latents(args: argparse.Namespace) -> int:
+    import os
+
+    from megafusion.data_pipeline.latent_shards import precompute_latents
+
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    summary = precompute_latents(
+        args.vae, args.source, args.out, resolution=args.resolution, batch_size=args.batch_size,
+        shard_size=args.shard_size, rank=rank, world_size=world, sample_posterior=args.sample_posterior,
+        split=args.split, seed=args.seed,
+    )
+    rate = summary.samples_written / summary.seconds if summary.seconds else 0.0
+    print(f"rank {rank}/{world}: wrote {summary.shards_written} shards ({summary.samples_written} samples, "
+          f"{rate:.1f} img/s), {summary.shards_skipped} already complete, {summary.samples_skipped} samples skipped; "
+          f"index.json {'written' if summary.index_written else 'pending other ranks'}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from megafusion.training.export import export_checkpoint
 
@@ -68,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny-cpu.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
 
+    p = sub.add_parser("precompute-latents", help="images + captions -> VAE latents in WebDataset shards")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL directory (sd-vae-ft-mse layout)")
+    p.add_argument("--source", required=True,
+                   help="image folder with .txt captions, WebDataset tar(s), a .jsonl manifest, demo:digits|shapes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--split", default="train", help="split of a demo source")
+    p.add_argument("--sample-posterior", action="store_true", help="store a posterior sample instead of the mean")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=None, help="this worker's rank (default: $RANK or 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of workers (default: $WORLD_SIZE or 1)")
+
     p = sub.add_parser("export", help="consolidate a training checkpoint into a LlamaFusion directory")
     p.add_argument("--run", required=True, help="the run's train.output_dir")
     p.add_argument("--out", required=True)
@@ -95,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "precompute-latents":
+            return _cmd_precompute_latents(args)
         if args.command == "export":
             return _cmd_export(args)
         if args.command == "fetch-base":
