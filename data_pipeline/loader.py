@@ -88,8 +88,8 @@ class _WorkerStream:
         tok = load_tokenizer(ds.tokenizer_path)
         self.tokenizer = tok
         pad = tok.eos_id if tok.eos_id is not None else 0
-        self.packer = SequencePacker(cfg.max_len, ds.tokens_per_image, ds.boi_id, ds.eoi_id, tok.bos_id, tok.eos_id,
-                                     pad)
+        self.packer = SequencePacker(cfg.max_len, ds.tokens_per_image, ds.boi_id, ds.eoi_id, tok.prefix_ids,
+                                     tok.eos_id, pad)
         self._records: Iterator[LatentRecord] | None = None
 
     # ---------------------------------------------------------------- shard order

@@ -12,7 +12,8 @@ TEXT, IMAGE = 0, 1
 
 @dataclass
 class Document:
-    """One sample laid out as tokens: BOS caption BOI image EOI EOS, or BOS BOI image EOI caption EOS."""
+    """One sample laid out as tokens: [prefix] caption BOI image EOI EOS, or [prefix] BOI image EOI caption EOS,
+    where prefix is what the tokenizer itself puts before a text (BOS for Llama, nothing for SmolLM2)."""
 
     key: str
     input_ids: list[int]
@@ -45,16 +46,16 @@ class SequencePacker:
         tokens_per_image: int,
         boi_id: int,
         eoi_id: int,
-        bos_id: int | None,
+        prefix_ids: list[int],
         eos_id: int | None,
         pad_id: int,
     ) -> None:
         self.max_len, self.tokens_per_image = max_len, tokens_per_image
-        self.boi_id, self.eoi_id, self.bos_id, self.eos_id, self.pad_id = boi_id, eoi_id, bos_id, eos_id, pad_id
-        self._fixed = tokens_per_image + 2 + (bos_id is not None) + (eos_id is not None)
+        self.boi_id, self.eoi_id, self.prefix_ids, self.eos_id, self.pad_id = boi_id, eoi_id, prefix_ids, eos_id, pad_id
+        self._fixed = tokens_per_image + 2 + len(prefix_ids) + (eos_id is not None)
         if self._fixed > max_len:
             raise ValueError(
-                f"max_len={max_len} cannot hold one image ({tokens_per_image} tokens + BOI/EOI/BOS/EOS)"
+                f"max_len={max_len} cannot hold one image ({tokens_per_image} tokens + BOI/EOI/prefix/EOS)"
             )
         self.pending: list[Document] = []
 
@@ -65,7 +66,7 @@ class SequencePacker:
         parts = [(image, image_mod), (caption_ids, [TEXT] * len(caption_ids))]
         if not image_first:
             parts.reverse()
-        ids = [self.bos_id] if self.bos_id is not None else []
+        ids = list(self.prefix_ids)
         mod = [TEXT] * len(ids)
         for p_ids, p_mod in parts:
             ids += p_ids

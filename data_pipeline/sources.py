@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .demo.common import check_split
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -131,15 +133,19 @@ def iter_source(spec: str, skips: SkipLog, split: str = "train", resolution: int
     """Samples of `spec` in a fixed order (see the module docstring for specs and the skip contract).
 
     `split` and `resolution` apply to demo sources only; every other source is one split, used as is (point the
-    spec at a split's own folder/manifest/shards). Raises FileNotFoundError / ValueError for a spec that names
-    nothing readable; everything below that level is recorded in `skips` instead.
+    spec at a split's own folder/manifest/shards). Raises FileNotFoundError / ValueError at once for a spec that
+    names nothing readable; everything below that level is recorded in `skips` instead.
     """
-    seen: dict[str, None] = {}
-    for sample in _dispatch(spec, skips, split, resolution):
+    return _unique(_dispatch(spec, skips, split, resolution), skips)
+
+
+def _unique(samples: Iterator[RawSample], skips: SkipLog) -> Iterator[RawSample]:
+    seen: set[str] = set()
+    for sample in samples:
         if sample.key in seen:
             skips.record(sample.key, "duplicate key: an earlier sample of this source has the same key")
             continue
-        seen[sample.key] = None
+        seen.add(sample.key)
         yield sample
 
 
@@ -149,7 +155,11 @@ def is_demo(spec: str) -> bool:
 
 def _dispatch(spec: str, skips: SkipLog, split: str, resolution: int) -> Iterator[RawSample]:
     if is_demo(spec):
-        return _iter_demo(spec[len("demo:") :], split, resolution)
+        name = spec[len("demo:") :]
+        if name not in DEMO_SOURCES:
+            raise ValueError(f"source {spec}: unknown demo dataset (known: {', '.join(DEMO_SOURCES)})")
+        check_split(split)
+        return _iter_demo(name, split, resolution)
     if "{" in spec:
         import braceexpand  # a webdataset dependency; the same expansion WebDataset applies to its URLs
 
@@ -172,12 +182,10 @@ def _iter_demo(name: str, split: str, resolution: int) -> Iterator[RawSample]:
         from .demo.digits import digits_samples
 
         samples = digits_samples(split, resolution)
-    elif name == "shapes":
+    else:
         from .demo.shapes import shapes_samples
 
         samples = shapes_samples(split, resolution)
-    else:
-        raise ValueError(f"source demo:{name}: unknown demo dataset (known: {', '.join(DEMO_SOURCES)})")
     for s in samples:
         yield RawSample(s.key, s.caption, lambda image=s.image: image.copy())
 
@@ -218,14 +226,14 @@ def _caption_from(obj: dict) -> str | None:
 def _iter_manifest(manifest: Path, skips: SkipLog) -> Iterator[RawSample]:
     """Keys are `<manifest stem>-<line number>`: a manifest may list one image under several captions."""
     base = manifest.parent
-    with open(manifest, encoding="utf-8", errors="replace") as lines:
+    with open(manifest, "rb") as lines:  # bytes: one badly encoded line is skipped, not the whole manifest
         for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             where = f"{manifest}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
+                obj = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 skips.record(where, f"bad JSON: {err}")
                 continue
             if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
@@ -261,10 +269,10 @@ def _tar_problem(shard: Path) -> str | None:
     size = shard.stat().st_size
     with open(shard, "rb") as fh:
         fh.seek(end)
-        tail = fh.read()
-    if any(tail):
-        return f"corrupt tar: no valid member header at byte {end} of {size}"
-    if len(tail) < 1024:
+        while block := fh.read(1 << 20):
+            if any(block):
+                return f"corrupt tar: no valid member header at byte {end} of {size}"
+    if size - end < 1024:
         return "truncated tar: no end-of-archive marker"
     return None
 

@@ -38,6 +38,9 @@ class TextTokenizer(Protocol):
     bos_id: int | None
     eos_id: int | None
     vocab_size: int
+    # What the tokenizer itself puts before a text (BOS for Llama-2/3, nothing for SmolLM2): documents in training
+    # start with it, so prompts encoded the same way at inference see the same context.
+    prefix_ids: list[int]
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -56,6 +59,7 @@ class HFTokenizer:
         self.bos_id = self._tok.bos_token_id
         self.eos_id = self._tok.eos_token_id
         self.vocab_size = len(self._tok)
+        self.prefix_ids = list(self._tok("", add_special_tokens=True)["input_ids"])
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
@@ -84,6 +88,7 @@ class TiktokenTokenizer:
         self.bos_id = special["<|begin_of_text|>"]
         self.eos_id = special["<|end_of_text|>"]
         self.vocab_size = n + len(special)
+        self.prefix_ids = [self.bos_id]
 
     def encode(self, text: str) -> list[int]:
         # Captions are data: special-token text inside them is encoded as plain text, never as control tokens.
@@ -105,6 +110,7 @@ class SentencePieceTokenizer:
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self.vocab_size = self._sp.get_piece_size()
+        self.prefix_ids = [self.bos_id] if self.bos_id is not None else []
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))

@@ -25,6 +25,7 @@ from .sources import ImageLoadError, SkipLog, center_crop_resize, image_to_tenso
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 TRAIN_INFO_NAME = "train_vae.json"
+SCALE_IMAGES = 1024  # latents of this many training images estimate the std (SD used a single batch)
 HOLDOUT_EVERY = 20  # non-demo sources have no test split: every 20th image is held out from training instead
 
 
@@ -94,13 +95,24 @@ def vae_identity(path: str | Path) -> dict:
 # --- training -----------------------------------------------------------------------------------------------
 
 
+def _check_architecture(resolution: int, block_out_channels: Sequence[int], norm_num_groups: int) -> None:
+    if not block_out_channels:
+        raise ValueError("block_out_channels: need at least one block")
+    factor = 2 ** (len(block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution: {resolution} is not divisible by the downsample factor {factor}")
+    if any(c % norm_num_groups for c in block_out_channels):
+        raise ValueError(
+            f"norm_num_groups: {norm_num_groups} must divide every block width {tuple(block_out_channels)}"
+        )
+
+
 def build_vae(
     resolution: int, latent_channels: int, block_out_channels: Sequence[int], norm_num_groups: int
 ) -> AutoencoderKL:
     """A small AutoencoderKL; every block but the last halves the size, so n blocks downsample by 2**(n-1)."""
+    _check_architecture(resolution, block_out_channels, norm_num_groups)
     n = len(block_out_channels)
-    if resolution % 2 ** (n - 1):
-        raise ValueError(f"resolution: {resolution} is not divisible by the downsample factor {2 ** (n - 1)}")
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -115,32 +127,38 @@ def build_vae(
 
 
 def _load_images(source: str, resolution: int, skips: SkipLog, max_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) pixel tensors in [-1, 1]."""
+    """(train, held-out) pixel tensors in [-1, 1]; at most `max_images` training images (the first ones).
 
-    def tensors(split: str) -> list[tuple[str, torch.Tensor]]:
-        out = []
+    A small demo VAE trains from memory, so reading stops at the cap instead of decoding a huge source.
+    """
+
+    def tensors(split: str, limit: int) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
         for sample in iter_source(source, skips, split=split, resolution=resolution):
+            if len(out) == limit:
+                break
             try:
-                out.append((sample.key, image_to_tensor(center_crop_resize(sample.load_image(), resolution))))
+                out.append(image_to_tensor(center_crop_resize(sample.load_image(), resolution)))
             except ImageLoadError as err:
                 skips.record(sample.key, str(err))
         return out
 
     if is_demo(source):
-        train, held = tensors("train"), tensors("test")
+        train, held = tensors("train", max_images), tensors("test", max_images)
     else:
-        everything = tensors("train")
+        everything = tensors("train", max_images * HOLDOUT_EVERY // (HOLDOUT_EVERY - 1) + 1)
         train = [t for i, t in enumerate(everything) if i % HOLDOUT_EVERY]
         held = [t for i, t in enumerate(everything) if not i % HOLDOUT_EVERY]
     if not train or not held:
         raise ValueError(f"source {source}: need training and held-out images, got {len(train)} and {len(held)}")
-    # A small demo VAE trains from memory; cap the images kept so a huge source cannot exhaust RAM.
-    return torch.stack([t for _, t in train[:max_images]]), torch.stack([t for _, t in held[:max_images]])
+    return torch.stack(train[:max_images]), torch.stack(held)
 
 
 @torch.no_grad()
 def _encode_mean(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([vae.encode(images[i : i + batch_size]).latent_dist.mode() for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [vae.encode(images[i : i + batch_size]).latent_dist.mode() for i in range(0, len(images), batch_size)]
+    )
 
 
 @torch.no_grad()
@@ -155,10 +173,14 @@ def reconstruction_error(vae: AutoencoderKL, images: torch.Tensor, batch_size: i
     return mse, 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
+        raise FileExistsError(f"{out}: exists and is not a VAE directory; refusing to replace it")
+
+
 def _save_atomic(vae: AutoencoderKL, out: Path, info: dict) -> None:
     """Write to a sibling temp dir, then swap it in: readers never see a half-written VAE."""
-    if out.exists() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-        raise FileExistsError(f"{out}: exists and is not a VAE directory; refusing to replace it")
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -176,26 +198,28 @@ def train_vae(
     out_dir: str | Path,
     resolution: int = 32,
     latent_channels: int = 4,
-    steps: int = 1200,
+    steps: int = 600,
     batch_size: int = 32,
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
     *,
-    block_out_channels: Sequence[int] = (32, 64, 64),
-    norm_num_groups: int = 16,
+    block_out_channels: Sequence[int] = (16, 32, 32),
+    norm_num_groups: int = 8,
     kl_weight: float = 1e-6,
     max_images: int = 20_000,
 ) -> dict:
     """Train a small AutoencoderKL on `source`'s train images and save it (sd-vae-ft-mse layout) to `out_dir`.
 
     Loss: pixel MSE + `kl_weight` * KL (the KL only keeps the latent scale in check; with 3 blocks 32 px
-    become 8x8x`latent_channels`). After training, `scaling_factor` is set to 1 / std of the mean latents of
-    the training images, as Stable Diffusion does, so scaled latents have unit variance for the diffusion model.
+    become 8x8x`latent_channels`). After training, `scaling_factor` is set to 1 / std of the mean latents of (up to
+    1,024) training images, as Stable Diffusion does, so scaled latents have unit variance for the diffusion model.
     Returns reconstruction MSE/PSNR (on [0, 1] pixels) of held-out images: the demo's test split, or every
     20th image of any other source.
     """
     out = Path(out_dir)
+    _check_replaceable(out)  # fail before minutes of training, not after
+    _check_architecture(resolution, block_out_channels, norm_num_groups)
     start = time.monotonic()
     skips = SkipLog()
     train, held = _load_images(source, resolution, skips, max_images)
@@ -224,7 +248,7 @@ def train_vae(
                 bar.set_postfix(mse=f"{mse.item() / 4:.5f}")  # /4: report on [0, 1] pixels like the result
         bar.close()
     vae.eval()
-    latents = _encode_mean(vae, train)
+    latents = _encode_mean(vae, train[:SCALE_IMAGES])
     scaling_factor = float(1.0 / latents.flatten().std())
     vae.register_to_config(scaling_factor=scaling_factor)
     recon_mse, recon_psnr = reconstruction_error(vae, held)

@@ -71,6 +71,21 @@ def _cmd_export_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_vae(args: argparse.Namespace) -> int:
+    from megafusion.data_pipeline.vae import train_vae
+
+    given = {"resolution": args.resolution, "latent_channels": args.latent_channels, "steps": args.steps,
+             "batch_size": args.batch_size}
+    try:
+        result = train_vae(args.source, args.out, **{k: v for k, v in given.items() if v is not None})
+    except FileExistsError as err:
+        print(f"megafusion train-vae: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: held-out reconstruction MSE {result['recon_mse']:.6f} (PSNR {result['recon_psnr']:.2f} dB), "
+          f"latents {'x'.join(map(str, result['latent_shape']))}, scaling_factor {result['scaling_factor']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megafusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="directory written by LlamaFusion.save_pretrained")
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("train-vae", help="train a small AutoencoderKL on a source's images (sd-vae-ft-mse layout)")
+    p.add_argument("--source", required=True, help="demo:digits, demo:shapes, an image folder, a .jsonl or .tar shards")
+    p.add_argument("--out", required=True, help="VAE directory to write (replaced atomically)")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default 32)")
+    p.add_argument("--latent-channels", type=int, default=None, help="latent channels (default 4)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
+
     from megafusion.inference.cli import add_generate_parser
 
     add_generate_parser(sub)
@@ -134,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "fetch-base":
             return _cmd_fetch_base(args)
+        if args.command == "train-vae":
+            return _cmd_train_vae(args)
         if args.command == "generate":
             from megafusion.inference.cli import run_generate
 

@@ -20,7 +20,13 @@ class ModelConfig:
     # HF Llama directory (config.json + safetensors) or a .gguf file.
     base: str = ""
     separation: Separation = "deep"
-    attention: Literal["sdpa"] = "sdpa"
+    # How the shared attention is computed (same function, different kernels): sdpa (reference: dense boolean
+    # mask), flex (FlexAttention from per-token ids; CPU inference, or where Triton is absent), triton (hybrid-mask
+    # FlashAttention, CUDA), auto (triton on CUDA when importable, else sdpa).
+    attention: Literal["sdpa", "flex", "triton", "auto"] = "sdpa"
+    # How routed projections run: index (reference: one matmul per modality slice), triton (one grouped-GEMM
+    # launch over [text | image] rows; CUDA; not with DeepSpeed ZeRO-3), auto (triton on CUDA when importable).
+    routing: Literal["index", "triton", "auto"] = "index"
 
 
 @dataclass

@@ -23,7 +23,7 @@ from megafusion.model.kv_cache import KVCache
 from megafusion.model.layers import RMSNorm
 from megafusion.model.layout import TokenLayout
 from megafusion.model.rope import RotaryEmbedding
-from megafusion.model.routing import ModalityRouter, Routed
+from megafusion.model.routing import ROUTING_BACKENDS, ModalityRouter, Routed
 from megafusion.model.unet import UNetDown, UNetUp
 
 FUSION_CONFIG_NAME = "fusion_config.json"
@@ -62,15 +62,21 @@ class LlamaFusion(nn.Module):
         image: ImageConfig | None = None,
         unet: UNetConfig | None = None,
         attention: str = "sdpa",
+        routing: str = "index",
     ) -> None:
+        """attention: sdpa | flex | triton | auto (model/attention.py); routing: index | triton | auto
+        (model/routing.py). Backends change how the same function is computed, never the weights."""
         super().__init__()
         if separation not in SEPARATIONS:
             raise ValueError(f"separation must be one of {SEPARATIONS}, got {separation!r}")
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}, got {attention!r}")
+        if routing not in ROUTING_BACKENDS:
+            raise ValueError(f"routing must be one of {ROUTING_BACKENDS}, got {routing!r}")
         self.arch, self.separation = arch, separation
         self.image_config, self.unet_config = image or ImageConfig(), unet or UNetConfig()
         self.attention_backend = attention
+        self.routing_backend = routing
         d = arch.hidden_size
         self.boi_id, self.eoi_id = arch.vocab_size, arch.vocab_size + 1
 
@@ -161,7 +167,7 @@ class LlamaFusion(nn.Module):
         )
         if past_key_values is not None and position_ids is None:
             layout = replace(layout, position_ids=past_key_values.continuation_positions(layout.doc_ids))
-        router = ModalityRouter(layout.modality)
+        router = ModalityRouter(layout.modality, self.routing_backend)
         mask, cache_image_ids = self._mask(layout, past_key_values)
         dtype = self.embed_tokens.weight.dtype
 
@@ -290,6 +296,7 @@ class LlamaFusion(nn.Module):
         unet: UNetConfig | None = None,
         dtype: torch.dtype = torch.float32,
         attention: str = "sdpa",
+        routing: str = "index",
     ) -> LlamaFusion:
         """Build from an HF Llama directory (config.json + safetensors, sharded or not) or a .gguf file:
         text set = the pretrained LM, image set = a copy of it, U-Nets from scratch."""
@@ -298,7 +305,7 @@ class LlamaFusion(nn.Module):
 
         checkpoint = read_llama_checkpoint(path)
         arch = LlamaArch.from_hf_config(checkpoint.config, source=checkpoint.config_source)
-        model = cls(arch, separation, image, unet, attention)
+        model = cls(arch, separation, image, unet, attention, routing)
         load_text_state(model, checkpoint.state_dict, checkpoint.weights_source)
         model.init_image_set_from_text()
         model.base_path = str(path)
@@ -317,6 +324,7 @@ class LlamaFusion(nn.Module):
                 "format_version": 1,
                 "separation": self.separation,
                 "attention": self.attention_backend,
+                "routing": self.routing_backend,
                 "arch": self.arch.to_dict(),
                 "image": asdict(self.image_config),
                 "unet": asdict(self.unet_config),
@@ -350,6 +358,7 @@ class LlamaFusion(nn.Module):
             ImageConfig(**meta["image"]),
             UNetConfig(**meta["unet"]),
             meta.get("attention", "sdpa"),
+            meta.get("routing", "index"),
         )
         weights = path / WEIGHTS_NAME
         if not weights.is_file():

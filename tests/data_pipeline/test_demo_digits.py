@@ -45,8 +45,10 @@ def test_images_are_rgb_at_resolution(splits):
 def test_captions_parse_back_to_labels(splits):
     samples = splits["train"] + splits["test"]
     assert all(digit_from_caption(s.caption) == s.label for s in samples)
-    used = {next(t for t in DIGIT_CAPTION_TEMPLATES if t.format(d=s.label, word=DIGIT_WORDS[s.label]) == s.caption)
-            for s in samples}
+    used = {
+        next(t for t in DIGIT_CAPTION_TEMPLATES if t.format(d=s.label, word=DIGIT_WORDS[s.label]) == s.caption)
+        for s in samples
+    }
     assert used == set(DIGIT_CAPTION_TEMPLATES)  # every phrasing occurs
 
 

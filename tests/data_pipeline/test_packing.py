@@ -12,7 +12,7 @@ BOI, EOI, BOS, EOS, PAD = 100, 101, 1, 2, 0
 
 
 def _packer(max_len=40, tokens=4):
-    return SequencePacker(max_len, tokens, BOI, EOI, BOS, EOS, PAD)
+    return SequencePacker(max_len, tokens, BOI, EOI, [BOS], EOS, PAD)
 
 
 def test_document_layouts():

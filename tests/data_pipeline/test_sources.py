@@ -72,7 +72,9 @@ def test_demo_shapes_and_unknown_demo():
     test, _ = _collect("demo:shapes", split="test")
     assert len(test) == 256 and test[0].key == "shapes-test-000000"
     with pytest.raises(ValueError, match="demo:nope"):
-        _collect("demo:nope")
+        iter_source("demo:nope", SkipLog())  # raised at the call, before iteration
+    with pytest.raises(ValueError, match="split"):
+        iter_source("demo:shapes", SkipLog(), split="val")
 
 
 # --- folder -------------------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def test_jsonl_manifest(tmp_path, caplog):
         json.dumps({"image": "img/x.png"}),
     ]
     manifest = tmp_path / "pairs.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
+    manifest.write_bytes(("\n".join(lines) + "\n").encode() + b'{"image": "img/x.png", "caption": "\xff"}\n')
 
     with caplog.at_level(logging.WARNING):
         samples, skips = _collect(str(manifest))
@@ -138,7 +140,7 @@ def test_jsonl_manifest(tmp_path, caplog):
         ("pairs-000006", "via text"),
         ("pairs-000007", None),
     ]
-    assert [e["key"] for e in skips.entries] == [f"{manifest}:3", f"{manifest}:5"]
+    assert [e["key"] for e in skips.entries] == [f"{manifest}:3", f"{manifest}:5", f"{manifest}:8"]
     assert "bad JSON" in skips.entries[0]["reason"]
     assert f"{manifest}:3" in caplog.text  # the skip is also logged, naming the item
     assert samples[0].load_image().getpixel((0, 0)) == (10, 20, 30)
@@ -228,7 +230,10 @@ def test_corrupt_image_inside_tar(tmp_path):
 
 def test_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        _collect(str(tmp_path / "nowhere"))
+        iter_source(str(tmp_path / "nowhere"), SkipLog())
+    (tmp_path / "file.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="file.csv"):
+        iter_source(str(tmp_path / "file.csv"), SkipLog())
 
 
 # --- pixels -------------------------------------------------------------------------------------------------

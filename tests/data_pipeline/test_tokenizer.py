@@ -13,7 +13,7 @@ def test_tiktoken_tokenizer_model(tmp_path):
     assert tok.kind == "tiktoken"
     assert tok.encode("hi!") == [104, 105, 33]
     assert tok.decode(tok.encode("a red circle")) == "a red circle"
-    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 512)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size, tok.prefix_ids) == (256, 257, 512, [256])
     assert tok.encode("<|begin_of_text|>") != [tok.bos_id]  # caption text never becomes a control token
     assert load_tokenizer(path).kind == "tiktoken"
 
@@ -25,13 +25,14 @@ def test_sentencepiece_tokenizer_model(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert tok.kind == "sentencepiece"
     assert tok.decode(tok.encode("the number three")) == "the number three"
-    assert tok.bos_id == 1 and tok.eos_id == 2
+    assert tok.bos_id == 1 and tok.eos_id == 2 and tok.prefix_ids == [1]
 
 
 @pytest.mark.slow
 def test_hf_tokenizer_json(smollm2_dir):
     tok = load_tokenizer(smollm2_dir)
     assert tok.kind == "hf" and tok.vocab_size == 49152
+    assert tok.prefix_ids == []  # SmolLM2's tokenizer adds no BOS of its own
     assert tok.decode(tok.encode("a handwritten digit 7")) == "a handwritten digit 7"
 
 
