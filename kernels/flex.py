@@ -8,9 +8,9 @@
 * Forward: compiled FlexAttention when allowed (see `_want_compile`), eager otherwise (exact, but it materialises
   the scores).
 * Backward: native on CUDA. FlexAttention refuses autograd on CPU (eager and compiled alike, torch 2.13), so on
-  CPU the forward runs without autograd, returns the log-sum-exp, and `_flex_cpu_backward` recomputes the
-  probabilities one query tile at a time over the key tiles the TileMap visits (FlashAttention's backward in
-  torch ops): memory O(tile x visited keys) instead of O(S^2).
+  CPU the forward runs without autograd and `_flex_cpu_backward` recomputes the probabilities one query tile at a
+  time over the key tiles the TileMap visits (FlashAttention's backward in torch ops; the log-sum-exp is
+  recomputed too, as the compiled CPU kernel cannot return it): memory O(tile x visited keys) instead of O(S^2).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from megafusion.kernels.tile_map import TileMap, build_tile_map
 from megafusion.model.hybrid_mask import hybrid_allowed
@@ -112,22 +112,14 @@ def _want_compile(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-def _run_flex(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, compile: bool, lse: bool
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def _run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, compile: bool) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
-    aux = AuxRequest(lse=True) if lse else None
     if compile:
-        result = _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_aux=aux)
-    else:
-        with warnings.catch_warnings():
-            # Eager FlexAttention warns that it is unfused; here that was asked for (MEGAFUSION_FLEX_COMPILE=0).
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            result = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_aux=aux)
-    if lse:
-        out, aux_out = result
-        return out, aux_out.lse
-    return result
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    with warnings.catch_warnings():
+        # Eager FlexAttention warns that it is unfused; here that was asked for (MEGAFUSION_FLEX_COMPILE=0).
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def _flex_cpu_backward(
@@ -135,11 +127,11 @@ def _flex_cpu_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
     d_out: torch.Tensor,
     layout: FlexLayout,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV recomputed per query tile over the key tiles that tile visits (union over the batch)."""
+    """dQ, dK, dV recomputed per query tile over the key tiles that tile visits (union over the batch). Those
+    tiles hold every key the tile's queries may see, so the softmax over them is the full softmax."""
     q_doc, q_img, kv_doc, kv_img = layout.ids
     tiles = layout.tiles
     batch, heads, q_len, head_dim = q.shape
@@ -175,7 +167,9 @@ def _flex_cpu_backward(
         )[:, None]  # (B, 1, rows, cols)
         k_c, v_c = kf[:, :, cols], vf[:, :, cols]
         s = (qf[:, :, rows] @ k_c.transpose(-1, -2)) * scale
-        p = torch.where(allowed, torch.exp(s - lse[:, :, rows, None]), 0.0)
+        s = s.masked_fill(~allowed, float("-inf"))
+        # Every query sees at least itself, so no row is all -inf (no nan from the softmax).
+        p = torch.softmax(s, dim=-1)
         do_r = dof[:, :, rows]
         dv.index_add_(2, cols, p.transpose(-1, -2) @ do_r)
         ds = p * ((do_r @ v_c.transpose(-1, -2)) - delta[:, :, rows, None])
@@ -197,15 +191,15 @@ class _FlexWithTorchBackward(torch.autograd.Function):
         compile: bool,
     ) -> torch.Tensor:
         # FlexAttention rejects CPU inputs that require grad even under no_grad: hand it detached views.
-        out, lse = _run_flex(q.detach(), k.detach(), v.detach(), layout.block_mask, compile, lse=True)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out = _run_flex(q.detach(), k.detach(), v.detach(), layout.block_mask, compile)
+        ctx.save_for_backward(q, k, v, out)
         ctx.layout = layout
         return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _flex_cpu_backward(q, k, v, out, lse, d_out, ctx.layout)
+        q, k, v, out = ctx.saved_tensors
+        dq, dk, dv = _flex_cpu_backward(q, k, v, out, d_out, ctx.layout)
         return dq, dk, dv, None, None
 
 
@@ -217,8 +211,8 @@ def flex_hybrid_attention(
         compile = _want_compile(q.device)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.is_cuda:
-        return _run_flex(q, k, v, layout.block_mask, compile, lse=False)
+        return _run_flex(q, k, v, layout.block_mask, compile)
     if needs_grad:
         return _FlexWithTorchBackward.apply(q, k, v, layout, compile)
     # No autograd wanted, but FlexAttention refuses CPU inputs flagged requires_grad even under no_grad.
-    return _run_flex(q.detach(), k.detach(), v.detach(), layout.block_mask, compile, lse=False)
+    return _run_flex(q.detach(), k.detach(), v.detach(), layout.block_mask, compile)

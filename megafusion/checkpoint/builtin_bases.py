@@ -3,12 +3,11 @@ tests and trying the trainer) and the registry bases of fetch_base (`smollm2-135
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from megafusion.checkpoint.atomic import atomic_directory
 from megafusion.checkpoint.fetch_base import KNOWN_BASES, default_cache_dir, fetch_base
 
 BUILTIN_PREFIX = "builtin:"
@@ -33,15 +32,10 @@ def _build_random_llama(out: Path, config: dict, seed: int = 0) -> Path:
 
     from megafusion.data_pipeline.tokenizer import write_byte_level_tiktoken
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp, safe_serialization=True)
-    write_byte_level_tiktoken(tmp / "tokenizer.model")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_directory(out) as tmp:
+        LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp, safe_serialization=True)
+        write_byte_level_tiktoken(tmp / "tokenizer.model")
     return out
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from megafusion.checkpoint.atomic import atomic_directory
 from megafusion.checkpoint.names import text_state_dict
 from megafusion.model.fusion import LlamaFusion
 
@@ -28,10 +28,7 @@ TOKENIZER_FILES = (
 def export_text_model(model: LlamaFusion, out_dir: str | os.PathLike) -> Path:
     """Writes config.json + model.safetensors that `transformers.LlamaForCausalLM.from_pretrained` loads, plus the
     base model's tokenizer files when the base was an HF directory. Atomic: temp dir renamed into place."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         config = dict(model.arch.hf_config)
         config.pop("quantization_config", None)
         config["architectures"] = ["LlamaForCausalLM"]
@@ -44,10 +41,4 @@ def export_text_model(model: LlamaFusion, out_dir: str | os.PathLike) -> Path:
             for name in TOKENIZER_FILES:
                 if (base / name).is_file():
                     shutil.copy2(base / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(out_dir)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -313,10 +311,9 @@ class LlamaFusion(nn.Module):
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """All weights (safetensors) + the architecture; written to a temp dir and renamed into place."""
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        from megafusion.checkpoint.atomic import atomic_directory
+
+        with atomic_directory(out_dir) as tmp:
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             meta = {
@@ -332,13 +329,7 @@ class LlamaFusion(nn.Module):
                 "dtype": str(self.embed_tokens.weight.dtype).removeprefix("torch."),
             }
             (tmp / FUSION_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return out
+        return Path(out_dir)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> LlamaFusion:

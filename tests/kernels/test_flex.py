@@ -55,8 +55,8 @@ def test_eager_forward_and_cpu_backward_match_sdpa(past, heads, kv_heads):
 
 @pytest.mark.slow
 def test_compiled_cpu_forward_and_backward_match_sdpa():
-    """torch.compile'd FlexAttention on CPU, without autograd and (with the log-sum-exp, for our CPU backward) with
-    it. Slow: each first compile takes 20-30 s on 2 cores (a few seconds once the inductor cache is warm)."""
+    """torch.compile'd FlexAttention on CPU, without autograd and with it (compiled forward, our CPU backward).
+    Slow: each first compile takes 20-30 s on 2 cores (a few seconds once the inductor cache is warm)."""
     doc, img = _long_layout()
     seq = doc.shape[1]
     assert seq % FLEX_BLOCK
