@@ -21,3 +21,14 @@ def smollm2_gguf() -> Path:
     from megafusion.checkpoint.fetch_base import fetch_gguf
 
     return fetch_gguf("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_reference(smollm2_gguf: Path):
+    """transformers' own load of the GGUF file (fp32, eval): the independent reference, loaded once (~20 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()

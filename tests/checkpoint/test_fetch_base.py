@@ -132,13 +132,11 @@ def test_embedding_matches_gguf_library_dequantization(smollm2_dir: Path, smollm
 
 
 @pytest.mark.slow
-def test_converted_logits_match_direct_gguf_load(converted, smollm2_gguf: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_converted_logits_match_direct_gguf_load(converted, smollm2_gguf: Path, smollm2_gguf_reference) -> None:
+    from transformers import AutoTokenizer
 
     model, tokenizer = converted
-    reference = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
+    reference = smollm2_gguf_reference
     ref_tokenizer = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
