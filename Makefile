@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; a plain `pip install torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: lint
 
 bench: install
 	$(PY) benchmarks/routing_cost.py
+
+# The whole pipeline on the built-in digits (fetch base, VAE, latents, training, eval, report): ~25 min on 2 CPU cores.
+demo: install
+	$(PY) -m megafusion demo --out outputs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

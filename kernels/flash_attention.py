@@ -51,8 +51,9 @@ def _fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    # int64 batch/head indices: b * stride can pass 2**31 elements on long, wide batches.
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -115,14 +116,16 @@ def _bwd_dkdv_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     num_heads, num_kv_heads, group, q_len, kv_len, q_offset, q_tiles, kv_tiles, sm_scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_kv_heads
-    hk = pid_bh % num_kv_heads
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    hk = (pid_bh % num_kv_heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_in = offs_n < kv_len
@@ -168,9 +171,9 @@ def _bwd_dkdv_kernel(
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
     dk = dk * sm_scale
-    out = b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    out_v = b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    out_k = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
+    tl.store(DK + out_k, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    out_v = b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
     tl.store(DV + out_v, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -183,14 +186,16 @@ def _bwd_dq_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     num_heads, group, q_len, kv_len, q_offset, q_tiles, kv_tiles, sm_scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    # int64 batch/head indices: b * stride can pass 2**31 elements on long, wide batches.
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -230,7 +235,8 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    dq_off = b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
+    tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -288,25 +294,26 @@ class HybridFlashAttention(torch.autograd.Function):
         d_out = d_out.to(q.dtype)
         # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij: the softmax-backward correction, O(S*D) work.
         delta = (d_out.float() * out.float()).sum(-1).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # Gradients in (B, S, H, D) storage like the output; the kernels take any strides.
+        dq = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+        dk = torch.empty(batch, kv_len, kv_heads, head_dim, dtype=k.dtype, device=k.device).transpose(1, 2)
+        dv = torch.empty(batch, kv_len, kv_heads, head_dim, dtype=v.dtype, device=v.device).transpose(1, 2)
         sm_scale = 1.0 / math.sqrt(head_dim)
         common = dict(
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
         )
-        # dk/dv come from empty_like(k/v): same strides as k/v, which the kernel uses for both.
-        assert dk.stride() == k.stride() and dv.stride() == v.stride() and dq.stride() == q.stride()
         _bwd_dkdv_kernel[(kv_tiles, batch * kv_heads)](
             q, k, v, d_out, lse, delta, dk, dv, q_doc, q_img, kv_doc, kv_img,
             tiles.q_count, tiles.q_index, tiles.q_full,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
             heads, kv_heads, heads // kv_heads, q_len, kv_len, kv_len - q_len, q_tiles, kv_tiles,
             sm_scale, sm_scale * LOG2E, **common,
         )
         _bwd_dq_kernel[(q_tiles, batch * heads)](
             q, k, v, d_out, lse, delta, dq, q_doc, q_img, kv_doc, kv_img,
             tiles.kv_count, tiles.kv_index, tiles.kv_full,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq),
             heads, heads // kv_heads, q_len, kv_len, kv_len - q_len, q_tiles, kv_tiles,
             sm_scale, sm_scale * LOG2E, **common,
         )

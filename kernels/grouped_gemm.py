@@ -191,6 +191,8 @@ def grouped_linear(
         raise ValueError(f"grouped_linear expects (rows, features), got shape {tuple(x.shape)}")
     if w0.shape != w1.shape or w0.shape[1] != x.shape[1]:
         raise ValueError(f"weights {tuple(w0.shape)} / {tuple(w1.shape)} do not fit input {tuple(x.shape)}")
+    if not x.dtype == w0.dtype == w1.dtype:
+        raise ValueError(f"dtypes differ: input {x.dtype}, weights {w0.dtype} / {w1.dtype}")
     if not 0 <= split <= x.shape[0]:
         raise ValueError(f"split {split} outside [0, {x.shape[0]}]")
     dtype = x.dtype

@@ -15,7 +15,8 @@ whether it is one complete image. A pair of tiles is then
 Ranges make the test conservative (a tile may be visited although it is empty, e.g. documents 0 and 2 around
 document 1), never wrong: an allowed pair always implies overlapping document ranges and either a causal pair or
 overlapping image ranges, and "full" is only claimed when every pair provably passes. For the layouts packing
-produces (contiguous documents, contiguous images) the classification is exact.
+produces (contiguous documents, contiguous images) the skipped set is exact (tested); "full" may still miss a
+diagonal tile whose later keys all share the query's image (it is then computed with the element mask).
 """
 
 from __future__ import annotations

@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     from megafusion.inference.cli import add_generate_parser
 
     add_generate_parser(sub)
+
+    from megafusion.demo.cli import add_ablate_parser, add_demo_parser
+    from megafusion.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
+    add_demo_parser(sub)
+    add_ablate_parser(sub)
     return parser
 
 
@@ -149,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_config(args, rest)
         if args.command == "train":
             return _cmd_train(args, rest)
+        if args.command in ("demo", "ablate"):  # extra --section.key=value args override the run config
+            from megafusion.demo.cli import run_ablate_command, run_demo_command
+
+            return (run_demo_command if args.command == "demo" else run_ablate_command)(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "precompute-latents":
@@ -159,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_fetch_base(args)
         if args.command == "train-vae":
             return _cmd_train_vae(args)
+        if args.command == "eval":
+            from megafusion.eval.cli import run_eval
+
+            return run_eval(args)
         if args.command == "generate":
             from megafusion.inference.cli import run_generate
 

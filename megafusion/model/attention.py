@@ -71,7 +71,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Hybr
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: HybridMask) -> torch.Tensor:
     from megafusion.kernels import build_tile_map, hybrid_flash_attention
 
-    ids = _cached(mask, "ids", lambda: mask_ids(mask))
+    # int32 ids are what the kernel reads; converted once per forward, not per layer.
+    ids = _cached(mask, "ids32", lambda: tuple(t.to(torch.int32).contiguous() for t in mask_ids(mask)))
     tiles = _cached(mask, ("tiles", TRITON_BLOCK_M, TRITON_BLOCK_N),
                     lambda: build_tile_map(*ids, TRITON_BLOCK_M, TRITON_BLOCK_N))
     out, _ = hybrid_flash_attention(q, k, v, *ids, tiles=tiles)

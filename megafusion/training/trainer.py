@@ -91,6 +91,9 @@ def prepare_run(cfg: MegaFusionConfig) -> RunContext:
     tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else (base if base.is_dir() else base.parent)
     max_steps = cfg.train.max_steps or cfg.optim.total_steps
     deepspeed_config(cfg.train)  # raises on a bad or inconsistent DeepSpeed JSON
+    if cfg.train.zero_stage == 3 and cfg.model.routing == "triton":
+        # The grouped GEMM reads both weight sets directly; ZeRO-3 gathers a weight only when its module is called.
+        raise ValueError("model.routing: 'triton' does not work with train.zero_stage=3; use routing 'index' or 'auto'")
     return RunContext(base, shards, tokenizer, Path(cfg.train.output_dir), max_steps)
 
 
@@ -133,7 +136,7 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
     rank, world = _init_distributed()
     torch.manual_seed(cfg.train.seed)  # identical U-Net init on every rank
     model = LlamaFusion.from_llama(ctx.base, cfg.model.separation, cfg.image, cfg.unet,
-                                   attention=cfg.model.attention)
+                                   attention=cfg.model.attention, routing=cfg.model.routing)
     tok = load_tokenizer(ctx.tokenizer)
     if tok.vocab_size > model.arch.vocab_size:
         raise ValueError(f"data.tokenizer {ctx.tokenizer}: {tok.vocab_size} tokens exceed the model's "

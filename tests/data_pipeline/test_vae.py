@@ -113,7 +113,6 @@ def test_load_vae_accepts_a_pipeline_dir(tiny_vae, tmp_path):
     assert load_vae(tmp_path).config.latent_channels == 4
 
 
-@pytest.mark.slow
 def test_cli_train_vae(tmp_path, capsys):
     args = ["--source", "demo:digits", "--out", str(tmp_path / "v"), "--resolution", "16", "--steps", "2"]
     assert main(["train-vae", *args, "--batch-size", "4", "--latent-channels", "2"]) == 0

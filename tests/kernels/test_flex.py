@@ -9,6 +9,9 @@ from megafusion.kernels.flex import FLEX_BLOCK, flex_hybrid_attention, flex_layo
 from megafusion.kernels.reference import dense_hybrid_mask, reference_attention
 from tests.kernels.layouts import LAYOUTS, layout_ids, rel_err
 
+# torch.compile internals call a deprecated torch.jit API; nothing here to act on.
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+
 
 def _long_layout() -> tuple[torch.Tensor, torch.Tensor]:
     """Two packed documents over 300 tokens (3 flex blocks, the last one partial), 64-token images."""

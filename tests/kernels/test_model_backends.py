@@ -13,6 +13,7 @@ from megafusion.config.loader import config_from_dict  # noqa: E402
 from megafusion.diffusion.schedule import DDPMSchedule  # noqa: E402
 from megafusion.model import LlamaFusion, ModalityRouter  # noqa: E402
 from megafusion.model import attention as attention_module  # noqa: E402
+from megafusion.model.layout import image_ids_in_order  # noqa: E402
 from megafusion.training.objective import TransfusionObjective  # noqa: E402
 from tests.helpers import TINY_IMAGE, TINY_UNET, save_tiny_llama  # noqa: E402
 from tests.kernels.layouts import rel_err  # noqa: E402
@@ -39,9 +40,10 @@ def model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """16-token tiles so the ~40-token test sequences span several tiles (the CUDA default is 64)."""
-    monkeypatch.setattr(attention_module, "TRITON_BLOCK_M", 16)
-    monkeypatch.setattr(attention_module, "TRITON_BLOCK_N", 16)
+    """32-token tiles so the 38-token test sequences span 2 x 2 tiles (the CUDA default is 64; the kernel tests use
+    16-token tiles on their own)."""
+    monkeypatch.setattr(attention_module, "TRITON_BLOCK_M", 32)
+    monkeypatch.setattr(attention_module, "TRITON_BLOCK_N", 32)
     # Eager FlexAttention: compiling per test shape would cost tens of seconds (the compiled path is tested in
     # test_flex.py).
     monkeypatch.setenv("MEGAFUSION_FLEX_COMPILE", "0")
@@ -61,7 +63,7 @@ def _batch(model):
 
     rows = [
         (text(5) + image() + text(4), text(3) + image() + image() + text(8)),
-        (image() + text(9), text(2) + image() + text(6) + image() + text(2)),
+        (image() + text(9), text(2) + image() + text(6) + image() + text(3)),
     ]
     ids, mod, docs = [], [], []
     for first, second in rows:
@@ -106,7 +108,7 @@ def test_logits_and_noise_predictions_match_reference(model, attention, routing)
     batch = _batch(model)
     ref = _forward(model, batch, "sdpa", "index")
     out = _forward(model, batch, attention, routing)
-    assert ref.logits.shape[1] % 16 and ref.noise_pred.shape[0] == 6
+    assert ref.logits.shape[1] % 32 and ref.noise_pred.shape[0] == 6
     for name in ("logits", "special_logits", "noise_pred"):
         assert rel_err(getattr(out, name), getattr(ref, name)) < 1e-4, name
 
@@ -150,20 +152,22 @@ def test_losses_and_gradients_match_reference(model, attention, routing, text_tr
 def test_kv_cached_continuation_matches_reference(model, attention):
     """A prompt cached once, then a chunk (text + a whole image) attending to [cache + chunk]."""
     batch = _batch(model)
-    split = 20
+    split = 24
     assert batch["modality"][:, split - 1 : split + 1].eq(0).all(), "the split must fall between images"
     first = {k: batch[k][:, :split] for k in ("input_ids", "modality", "doc_ids")}
     second = {k: batch[k][:, split:] for k in ("input_ids", "modality", "doc_ids")}
-    n_first = int(first["modality"].sum()) // model.image_config.tokens_per_image
+    # Images are numbered row-major: pick each chunk's own images, in that chunk's row-major order.
+    ids = image_ids_in_order(batch["modality"], model.image_config.tokens_per_image)
+    chunk_images = [torch.unique(part[part >= 0]) for part in (ids[:, :split], ids[:, split:])]
     imgs, ts = batch["images"], batch["timesteps"]
 
     def run(backend):
         _use(model, backend, "index")
         try:
             with torch.no_grad():
-                a = model(**first, images=imgs[:n_first], timesteps=ts[:n_first], use_cache=True)
-                return model(**second, images=imgs[n_first:], timesteps=ts[n_first:],
-                             past_key_values=a.past_key_values)
+                a, b = chunk_images
+                cached = model(**first, images=imgs[a], timesteps=ts[a], use_cache=True)
+                return model(**second, images=imgs[b], timesteps=ts[b], past_key_values=cached.past_key_values)
         finally:
             _use(model, "sdpa", "index")
 

@@ -1,0 +1,207 @@
+"""The demo's steps: base LM -> demo VAE -> latent shards -> LlamaFusion training -> export -> evaluation -> report.
+
+Every step writes into the output directory and is skipped on a rerun when its result is already there
+(VAE directory, shard index, a checkpoint at the last step, the exported model), so an interrupted demo
+continues where it stopped (training itself resumes from its last checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+EXPORT_MARKER = "exported_from.json"
+
+
+@dataclass
+class VaeSettings:
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-3
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    norm_num_groups: int = 16
+
+
+@dataclass
+class DemoSettings:
+    dataset: str = "digits"
+    out: Path = Path("outputs/demo")
+    # YAML of the LlamaFusion run (default: configs/demo-<dataset>.yaml) and --section.key=value overrides.
+    config: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    resolution: int = 32
+    vae: VaeSettings = field(default_factory=VaeSettings)
+    # Passed to megafusion.eval.run.EvalSettings.
+    eval: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+# A budget small enough for a test: random tiny Llama, a few VAE and training steps, a handful of images.
+QUICK_OVERRIDES = [
+    "--model.base=builtin:tiny-llama",
+    "--unet.channels=32", "--unet.norm_groups=8", "--unet.time_embed_dim=64",
+    "--optim.warmup_steps=1", "--optim.total_steps=3",
+    "--data.max_len=64", "--data.shuffle_buffer=16",
+    "--train.precision=fp32", "--train.save_every=3",
+]
+QUICK_VAE = VaeSettings(steps=3, batch_size=8, block_out_channels=(8, 16, 16), norm_num_groups=8)
+QUICK_EVAL = {"images_per_prompt": 2, "num_prompts": 3, "num_steps": 2, "num_caption_images": 8,
+              "caption_max_new_tokens": 4, "text_max_new_tokens": 4, "num_text_prompts": 1, "caption_sheet_size": 6}
+
+
+def quick_settings(dataset: str, out: Path) -> DemoSettings:
+    return DemoSettings(dataset=dataset, out=out, overrides=list(QUICK_OVERRIDES), vae=QUICK_VAE,
+                        eval=dict(QUICK_EVAL))
+
+
+class StepLog:
+    """Numbered step headers on stdout (so progress is visible between the tqdm bars) and per-step timings."""
+
+    def __init__(self, total: int, progress: bool) -> None:
+        self.total, self.progress, self.k = total, progress, 0
+        self.seconds: dict[str, float] = {}
+        self.reused: dict[str, bool] = {}
+
+    def run(self, name: str, done: bool, fn: Callable[[], Any], what: str) -> Any:
+        self.k += 1
+        if self.progress:
+            state = "already done, reusing" if done else "running"
+            print(f"\n[demo {self.k}/{self.total}] {what} ({state})", flush=True)
+        start = time.monotonic()
+        result = fn()
+        self.seconds[name] = round(time.monotonic() - start, 1)
+        self.reused[name] = done
+        return result
+
+
+def demo_config(settings: DemoSettings):
+    from megafusion.config import load_config
+
+    path = settings.config or REPO_CONFIGS / f"demo-{settings.dataset}.yaml"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: demo config not found (pass --config)")
+    out = settings.out.resolve()
+    overrides = [f"--data.shards={out / 'shards'}", f"--train.output_dir={out / 'run'}", *settings.overrides]
+    return load_config(path, overrides), Path(path)
+
+
+def _vae_ready(vae_dir: Path, channels: int, resolution: int) -> bool:
+    config = vae_dir / "config.json"
+    if not (config.is_file() and (vae_dir / "diffusion_pytorch_model.safetensors").is_file()):
+        return False
+    found = json.loads(config.read_text())
+    if found.get("latent_channels") != channels or found.get("sample_size") != resolution:
+        raise ValueError(f"{vae_dir}: a VAE with {found.get('latent_channels')} latent channels at "
+                         f"{found.get('sample_size')} px is in the way (need {channels} at {resolution} px); "
+                         "delete it or use another --out")
+    return True
+
+
+def _shards_ready(shards: Path, vae_dir: Path) -> bool:
+    from megafusion.data_pipeline.vae import vae_identity
+
+    index = shards / "index.json"
+    if not index.is_file():
+        return False
+    recorded = json.loads(index.read_text()).get("vae") or {}
+    if recorded.get("weights_sha256") != vae_identity(vae_dir)["weights_sha256"]:
+        shutil.rmtree(shards)  # made with another VAE: those latents mean nothing to the new one
+        return False
+    return True
+
+
+def _trained_step(run_dir: Path) -> int:
+    from megafusion.training.checkpointing import CheckpointManager
+
+    tag = CheckpointManager(run_dir / "checkpoints", 1, {}, 0, 1).latest_tag()
+    return int(tag.split("-")[-1]) if tag else 0
+
+
+def _export_ready(model_dir: Path, run_dir: Path) -> bool:
+    marker = model_dir / EXPORT_MARKER
+    if not (marker.is_file() and (model_dir / "fusion_config.json").is_file()):
+        return False
+    return json.loads(marker.read_text()).get("step") == _trained_step(run_dir)
+
+
+def _train(cfg) -> None:
+    import logging
+
+    from megafusion.training.trainer import train
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(cfg, progress=True)
+
+
+def _export(run_dir: Path, model_dir: Path) -> None:
+    from megafusion.training.export import export_checkpoint
+
+    export_checkpoint(run_dir, model_dir)
+    (model_dir / EXPORT_MARKER).write_text(json.dumps({"run": str(run_dir), "step": _trained_step(run_dir)}) + "\n")
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    """Runs every step that is not done yet and writes the report; returns report.json's content."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed: no GPU probing
+    from megafusion.checkpoint.builtin_bases import resolve_base
+    from megafusion.data_pipeline.latent_shards import precompute_latents
+    from megafusion.data_pipeline.vae import train_vae
+    from megafusion.demo.report import write_report
+    from megafusion.eval.run import EvalSettings, evaluate
+
+    start = time.monotonic()
+    out = settings.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, config_path = demo_config(settings)
+    source = f"demo:{settings.dataset}"
+    vae_dir, shards, run_dir, model_dir = out / "vae", out / "shards", out / "run", out / "model"
+    max_steps = cfg.train.max_steps or cfg.optim.total_steps
+    steps = StepLog(6, settings.progress)
+
+    base = steps.run("base", False, lambda: resolve_base(cfg.model.base), f"base LM {cfg.model.base}")
+    vae_info = steps.run(
+        "vae", _vae_ready(vae_dir, cfg.image.latent_channels, settings.resolution),
+        lambda: _vae_ready(vae_dir, cfg.image.latent_channels, settings.resolution) or train_vae(
+            source, vae_dir, settings.resolution, cfg.image.latent_channels, settings.vae.steps,
+            settings.vae.batch_size, settings.vae.lr, progress=settings.progress,
+            block_out_channels=settings.vae.block_out_channels, norm_num_groups=settings.vae.norm_num_groups),
+        f"{settings.dataset} dataset + demo VAE -> {vae_dir}",
+    )
+    steps.run(
+        "latents", _shards_ready(shards, vae_dir),
+        lambda: _shards_ready(shards, vae_dir) or precompute_latents(
+            vae_dir, source, shards, resolution=settings.resolution, batch_size=128, shard_size=256,
+            progress=settings.progress),
+        f"VAE latents of the train split -> {shards}",
+    )
+    trained = _trained_step(run_dir) >= max_steps
+    steps.run("train", trained, lambda: trained or _train(cfg),
+              f"LlamaFusion training ({cfg.model.separation} separation, lr_text={cfg.optim.lr_text}, "
+              f"{max_steps} steps) -> {run_dir}")
+    steps.run("export", _export_ready(model_dir, run_dir),
+              lambda: _export_ready(model_dir, run_dir) or _export(run_dir, model_dir),
+              f"export -> {model_dir}")
+    eval_settings = EvalSettings(progress=settings.progress, **settings.eval)
+    results = steps.run("eval", False, lambda: evaluate(model_dir, vae_dir, settings.dataset, out / "eval",
+                                                        eval_settings), "evaluation")
+    vae_train = json.loads((vae_dir / "train_vae.json").read_text()) if (vae_dir / "train_vae.json").is_file() \
+        else (vae_info if isinstance(vae_info, dict) else {})
+    context = {
+        "dataset": settings.dataset,
+        "out": str(out),
+        "base": str(base),
+        "config_file": str(config_path),
+        "overrides": settings.overrides,
+        "vae_settings": asdict(settings.vae),
+        "vae_training": {k: v for k, v in vae_train.items() if k != "skipped"},
+        "steps_seconds": steps.seconds,
+        "steps_reused": steps.reused,
+        "wall_seconds": round(time.monotonic() - start, 1),
+    }
+    return write_report(out, cfg, context, results, run_dir / "metrics.jsonl")

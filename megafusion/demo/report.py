@@ -1,0 +1,207 @@
+"""The demo's report: report.json (every number), report.md (readable, with the figures) and loss_curves.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from megafusion.config import config_to_dict
+
+TARGETS = {
+    # The issue's targets for the digits demo (chance is 10% for both accuracies).
+    "generation_accuracy": 0.60,
+    "caption_accuracy": 0.60,
+    "wall_seconds": 30 * 60,
+}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl records, one per step: a resumed run appends again from its checkpoint, the last wins."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_losses(records: list[dict], path: Path) -> Path | None:
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    window = max(1, len(records) // 25)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("loss", "lm_loss", "diffusion_loss"),
+                              ("total  L_LM + lambda L_DDPM", "L_LM (captions)", "L_DDPM (noise MSE)"), strict=True):
+        values = [r[key] for r in records]
+        ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
+        ax.plot(steps, _smooth(values, window), color="tab:blue", linewidth=1.8, label=f"mean of {window}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_summary(records: list[dict]) -> dict:
+    if not records:
+        return {}
+    tail = records[-min(len(records), 20):]
+    times = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]  # step 1 includes warm-up
+    return {
+        "steps": records[-1]["step"],
+        "final_loss_mean_last_20": sum(r["loss"] for r in tail) / len(tail),
+        "final_lm_loss_mean_last_20": sum(r["lm_loss"] for r in tail) / len(tail),
+        "final_diffusion_loss_mean_last_20": sum(r["diffusion_loss"] for r in tail) / len(tail),
+        "first_loss": records[0]["loss"],
+        "mean_step_time_s": sum(times) / len(times),
+        "mean_tokens_per_s": sum(r["text_tokens_per_s"] + r["image_tokens_per_s"] for r in records[1:] or records)
+        / max(1, len(records[1:] or records)),
+        "peak_memory_gb": max(r.get("peak_memory_gb") or 0 for r in records),
+    }
+
+
+def _targets(results: dict, wall: float, dataset: str) -> dict:
+    text = results.get("text") or {}
+    gen, cap = results["generation"]["accuracy"], results["captioning"]["accuracy"]
+    out = {
+        "generation_accuracy": {"value": gen, "target": TARGETS["generation_accuracy"],
+                                "met": gen >= TARGETS["generation_accuracy"]},
+        "caption_accuracy": {"value": cap, "target": TARGETS["caption_accuracy"],
+                             "met": cap >= TARGETS["caption_accuracy"]},
+        "text_identical_to_base": {"value": text.get("identical"), "target": True,
+                                   "met": text.get("identical") is True},
+        "wall_seconds": {"value": wall, "target": TARGETS["wall_seconds"], "met": wall <= TARGETS["wall_seconds"]},
+    }
+    if dataset != "digits":  # the issue sets accuracy targets for digits only
+        for key in ("generation_accuracy", "caption_accuracy"):
+            out[key]["target"] = out[key]["met"] = None
+    return out
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _markdown(report: dict) -> str:
+    r, ctx, train = report["eval"], report["context"], report["training"]
+    gen, cap, clf, text = r["generation"], r["captioning"], r["classifier"], r.get("text") or {}
+    inception = "computed" if r["inception_fid"]["computed"] else "skipped: " + r["inception_fid"]["reason"]
+    lines = [
+        f"# megafusion demo: {ctx['dataset']}",
+        "",
+        f"LlamaFusion on `{ctx['base']}` ({report['config']['model']['separation']} separation, "
+        f"lr_text = {report['config']['optim']['lr_text']}), trained on CPU for {train.get('steps', 'n/a')} steps. "
+        f"Wall time of this run: {ctx['wall_seconds'] / 60:.1f} min.",
+        "",
+        "## Headline numbers",
+        "",
+        "| metric | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for name, t in report["targets"].items():
+        lines.append(f"| {name} | {_fmt(t['value'])} | {_fmt(t['target'])} | {_fmt(t['met'])} |")
+    lines += [
+        "",
+        "| more numbers | value |",
+        "|---|---|",
+        f"| in-domain classifier accuracy on real held-out images | {_fmt(clf['test_accuracy'])} |",
+        f"| generated images judged correct by the classifier label | {_fmt(gen['classifier_label_accuracy'])} |",
+        f"| FID in the classifier's feature space (generated vs real test) | {_fmt(gen['fid_in_domain'], 2)} |",
+        f"| same FID for real train vs real test images (floor at this sample size) | "
+        f"{_fmt(clf['fid_real_train_vs_test'], 2)} |",
+        f"| Inception FID | {inception} |",
+        f"| caption CIDEr (CIDEr-D, x10 scale) | {_fmt(cap['cider'])} |",
+        f"| greedy text outputs identical to base | {_fmt(text.get('greedy_identical'))} |",
+        f"| max abs log-prob difference vs base | {_fmt(text.get('max_abs_logprob_diff'), 8) if text else 'n/a'} |",
+        f"| perplexity on held-out paragraphs (fused / base) | {_fmt(text.get('perplexity'))} / "
+        f"{_fmt(text.get('perplexity_base'))} |",
+        "",
+        f"Generation: {gen['num_images']} images ({gen['images_per_prompt']} per prompt), {gen['sampler'].upper()} "
+        f"{gen['num_steps']} steps, CFG {gen['guidance_scale']}; judged by the {gen['judge']}. "
+        f"Captioning: {cap['num_images']} held-out images, greedy. CIDEr tokenizer: {cap['cider_tokenizer']}.",
+        "",
+        "## Training",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        f"Steps {train.get('steps')}, mean step time {_fmt(train.get('mean_step_time_s'), 2)} s, "
+        f"{_fmt(train.get('mean_tokens_per_s'), 0)} tokens/s, final loss (mean of last 20 steps) "
+        f"{_fmt(train.get('final_loss_mean_last_20'))} (LM {_fmt(train.get('final_lm_loss_mean_last_20'))}, "
+        f"diffusion {_fmt(train.get('final_diffusion_loss_mean_last_20'))}). "
+        f"VAE: reconstruction PSNR {_fmt(ctx['vae_training'].get('recon_psnr'), 1)} dB on held-out images.",
+        "",
+        "## Generated images",
+        "",
+        f"![generated images]({gen.get('overview_png', 'generated.png')})",
+        "",
+        "| prompt | accuracy | grid |",
+        "|---|---|---|",
+    ]
+    for i, p in enumerate(gen["per_prompt"]):
+        lines.append(f"| {p['prompt']} | {_fmt(p['accuracy'], 2)} | [png](eval/generated/prompt_{i:02d}.png) |")
+    lines += ["", "## Held-out images with generated captions", "", f"![captions]({cap.get('sheet_png', '')})", "",
+              "| truth | generated | correct |", "|---|---|---|"]
+    for ex in cap["examples"][:20]:
+        lines.append(f"| {ex['truth']} | {ex['generated']} | {_fmt(ex['correct'])} |")
+    if text:
+        lines += ["", "## Text: fused model vs base LM (greedy)", "", "| prompt | fused | base | same tokens |",
+                  "|---|---|---|---|"]
+        for row in text["prompts"]:
+            clean = [" ".join(str(row[k]).split()).replace("|", "\\|") for k in ("prompt", "fused", "base")]
+            lines.append(f"| {clean[0]} | {clean[1]} | {clean[2]} | {_fmt(row['same_tokens'])} |")
+    lines += ["", "## Time per step (seconds)", "", "| step | seconds | reused |", "|---|---|---|"]
+    for name, sec in ctx["steps_seconds"].items():
+        lines.append(f"| {name} | {sec} | {_fmt(ctx['steps_reused'].get(name))} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _relink(results: dict, prefix: str) -> None:
+    # Figures live under eval/; links in report.md are relative to the output directory.
+    for section, key in (("generation", "overview_png"), ("captioning", "sheet_png")):
+        if key in results[section]:
+            results[section][key] = f"{prefix}/{results[section][key]}"
+
+
+def write_report(out: Path, cfg, context: dict, results: dict, metrics_path: Path) -> dict:
+    records = read_metrics(metrics_path)
+    plot_losses(records, out / "loss_curves.png")
+    _relink(results, "eval")
+    report = {
+        "context": context,
+        "config": config_to_dict(cfg),
+        "training": training_summary(records),
+        "targets": _targets(results, context["wall_seconds"], context["dataset"]),
+        "eval": results,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(_markdown(report))
+    return report

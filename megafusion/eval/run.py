@@ -1,0 +1,222 @@
+"""`megafusion eval`: image generation, image understanding and text preservation of one trained LlamaFusion on a
+demo dataset. Returns every number as one dict (also written to eval.json) and writes the figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+EVAL_JSON = "eval.json"
+
+
+@dataclass
+class EvalSettings:
+    images_per_prompt: int = 10
+    # Prompts to generate from (digits always uses its 10 classes).
+    num_prompts: int = 10
+    sampler: str = "ddim"
+    num_steps: int = 25
+    # None: no classifier-free guidance.
+    guidance_scale: float | None = 2.0
+    num_caption_images: int = 200
+    caption_max_new_tokens: int = 20
+    text_max_new_tokens: int = 24
+    num_text_prompts: int = 4
+    # Captions shown with their images in captions.png.
+    caption_sheet_size: int = 24
+    seed: int = 0
+    resolution: int = 32
+    skip_text: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[eval] {msg}", flush=True)
+
+
+def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    start = time.monotonic()
+    result = fn()
+    timings[name] = round(time.monotonic() - start, 1)
+    return result
+
+
+def _decode(vae, latents: torch.Tensor, batch: int = 100) -> list:
+    from megafusion.inference.images import decode_latents
+
+    return [im for i in range(0, len(latents), batch) for im in decode_latents(vae, latents[i : i + batch])]
+
+
+def _encode(vae, images: list, latent_size: int, batch: int = 100) -> torch.Tensor:
+    from megafusion.inference.images import encode_images
+
+    return torch.cat([encode_images(vae, images[i : i + batch], latent_size) for i in range(0, len(images), batch)])
+
+
+def evaluate_images(model, tokenizer, vae, spec, classifier, test, settings: EvalSettings,
+                    out: Path | None) -> dict:
+    """Text -> image: per-prompt correctness (rule check or classifier) and in-domain FID vs real test images."""
+    from megafusion.eval.fid import feature_fid
+    from megafusion.eval.figures import generation_overview, prompt_grid
+    from megafusion.eval.model_io import generate_latents
+    from megafusion.inference.text_to_image import ImageSamplingConfig
+
+    prompts = spec.prompts(settings.num_prompts)
+    config = ImageSamplingConfig(settings.sampler, settings.num_steps, settings.guidance_scale)
+    latents = generate_latents(model, tokenizer, [p.text for p in prompts], settings.images_per_prompt, config,
+                               settings.seed, progress=settings.progress)
+    images = _decode(vae, latents)
+    predicted = classifier.predict(images)
+    k = settings.images_per_prompt
+    per_prompt, verdicts = [], []
+    for i, prompt in enumerate(prompts):
+        ok = [spec.image_correct(images[i * k + j], prompt, predicted[i * k + j]) for j in range(k)]
+        verdicts += ok
+        per_prompt.append({"prompt": prompt.text, "accuracy": sum(ok) / k,
+                           "classifier_predictions": [str(p) for p in predicted[i * k : (i + 1) * k]]})
+    label_hits = [predicted[i] == prompts[i // k].label for i in range(len(images))]
+    real = classifier.features([s.image for s in test])
+    result = {
+        "num_images": len(images),
+        "images_per_prompt": k,
+        "sampler": settings.sampler,
+        "num_steps": settings.num_steps,
+        "guidance_scale": settings.guidance_scale,
+        "judge": "rule checker (check_image)" if spec.rule_check is not None else "in-domain classifier",
+        "accuracy": float(np.mean(verdicts)),
+        "classifier_label_accuracy": float(np.mean(label_hits)),
+        "fid_in_domain": feature_fid(real, classifier.features(images)),
+        "per_prompt": per_prompt,
+    }
+    if out is not None:
+        for i in range(len(prompts)):
+            prompt_grid(images[i * k : (i + 1) * k], out / "generated" / f"prompt_{i:02d}.png")
+        rows = [(p.text, images[i * k : (i + 1) * k], verdicts[i * k : (i + 1) * k]) for i, p in enumerate(prompts)]
+        result["overview_png"] = str(generation_overview(rows, out / "generated.png").relative_to(out))
+    return result
+
+
+def evaluate_captions(model, tokenizer, vae, spec, test, settings: EvalSettings, out: Path | None) -> dict:
+    """Image -> text on held-out images: caption accuracy and CIDEr."""
+    from megafusion.eval.captions import caption_accuracy, cider
+    from megafusion.eval.figures import caption_sheet
+    from megafusion.eval.model_io import caption_latents
+
+    from megafusion.eval.datasets import balanced_subset
+
+    held = balanced_subset(spec, test, settings.num_caption_images)
+    latents = _encode(vae, [s.image for s in held], model.image_config.latent_size)
+    captions = caption_latents(model, tokenizer, latents, settings.caption_max_new_tokens, progress=settings.progress)
+    accuracy, verdicts = caption_accuracy(captions, held, spec.caption_correct)
+    refs = {s.key: spec.caption_references(s) for s in held}
+    score, _ = cider(refs, {s.key: c for s, c in zip(held, captions, strict=True)})
+    result = {
+        "num_images": len(held),
+        "accuracy": accuracy,
+        "cider": score,
+        "cider_tokenizer": "lowercase, punctuation stripped, whitespace split (the PTB tokenizer needs Java)",
+        "examples": [{"key": s.key, "truth": s.caption, "generated": c, "correct": ok}
+                     for s, c, ok in zip(held, captions, verdicts, strict=True)],
+    }
+    if out is not None:
+        n = settings.caption_sheet_size
+        sheet = [(s.image, c, ok) for s, c, ok in zip(held[:n], captions[:n], verdicts[:n], strict=True)]
+        result["sheet_png"] = str(caption_sheet(sheet, out / "captions.png").relative_to(out))
+    return result
+
+
+def evaluate_text(model, tokenizer, base: Path, settings: EvalSettings) -> dict:
+    """Greedy outputs and log-likelihoods vs transformers' LlamaForCausalLM; perplexity of both."""
+    from megafusion.eval.heldout_text import PARAGRAPHS, PROMPTS
+    from megafusion.eval.text import fused_logits, hf_logits, load_base_lm, perplexity, prompt_ids, text_identity
+
+    base_lm = load_base_lm(base)
+    prompts = [prompt_ids(base, tokenizer, p) for p in PROMPTS[: settings.num_text_prompts]]
+    identity = text_identity(model.float(), base_lm, tokenizer, prompts, settings.text_max_new_tokens)
+    ppl_fused = perplexity(fused_logits(model), tokenizer, PARAGRAPHS)
+    ppl_base = perplexity(hf_logits(base_lm), tokenizer, PARAGRAPHS)
+    return {**identity, "perplexity": ppl_fused, "perplexity_base": ppl_base,
+            "perplexity_paragraphs": len(PARAGRAPHS)}
+
+
+def evaluate(model_dir: str | Path, vae_dir: str | Path, dataset: str, out_dir: str | Path | None = None,
+             settings: EvalSettings | None = None, base: str | Path | None = None) -> dict:
+    """The whole evaluation. `base` overrides the base LM recorded in the model (for the text checks and the
+    tokenizer)."""
+    from megafusion.data_pipeline.tokenizer import load_tokenizer
+    from megafusion.data_pipeline.vae import load_vae
+    from megafusion.eval.datasets import get_dataset, train_in_domain_classifier
+    from megafusion.eval.fid import feature_fid, inception_fid_status
+    from megafusion.model import LlamaFusion
+
+    settings = settings or EvalSettings()
+    spec = get_dataset(dataset)
+    out = Path(out_dir) if out_dir is not None else None
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    _say(f"loading {model_dir} and the VAE {vae_dir}", settings.progress)
+    model = LlamaFusion.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base_path = Path(base or model.base_path or "")
+    if not base_path.exists():
+        raise FileNotFoundError(f"base model {base_path}: not found (pass --base)")
+    tokenizer = load_tokenizer(base_path if base_path.is_dir() else base_path.parent)
+    vae = load_vae(vae_dir)
+
+    _say(f"training the in-domain classifier on real {dataset} train images", settings.progress)
+    train, test = spec.samples("train", settings.resolution), spec.samples("test", settings.resolution)
+    classifier = _timed(timings, "classifier", lambda: train_in_domain_classifier(spec, train, settings.seed))
+    real_subset = train[: min(len(train), settings.images_per_prompt * len(spec.prompts(settings.num_prompts)))]
+    clf = {
+        "kind": f"sklearn MLPClassifier (1 hidden layer of {classifier.model.hidden_layer_sizes[0]}) on "
+                f"{classifier.size}x{classifier.size} {classifier.mode} pixels",
+        "test_accuracy": classifier.accuracy([s.image for s in test], [spec.class_label(s) for s in test]),
+        "train_images": len(train),
+        "test_images": len(test),
+        # What the FID of a perfect generator would be with this many samples: real train vs real test.
+        "fid_real_train_vs_test": feature_fid(classifier.features([s.image for s in test]),
+                                              classifier.features([s.image for s in real_subset])),
+    }
+    _say(f"classifier test accuracy {clf['test_accuracy']:.3f}; generating images", settings.progress)
+    with torch.no_grad():
+        gen = _timed(timings, "generation", lambda: evaluate_images(model, tokenizer, vae, spec, classifier, test,
+                                                                    settings, out))
+        _say(f"generation accuracy {gen['accuracy']:.3f}, FID {gen['fid_in_domain']:.2f}; captioning held-out images",
+             settings.progress)
+        cap = _timed(timings, "captioning", lambda: evaluate_captions(model, tokenizer, vae, spec, test, settings,
+                                                                      out))
+        _say(f"caption accuracy {cap['accuracy']:.3f}, CIDEr {cap['cider']:.3f}", settings.progress)
+    text = None
+    if not settings.skip_text:
+        _say("text: greedy outputs and log-likelihoods vs the base LM, perplexity", settings.progress)
+        text = _timed(timings, "text", lambda: evaluate_text(model, tokenizer, base_path, settings))
+        _say(f"text identical to base: {'yes' if text['identical'] else 'NO'} (max |dlogp| "
+             f"{text['max_abs_logprob_diff']:.2e}); perplexity {text['perplexity']:.3f}", settings.progress)
+    timings["total"] = round(time.monotonic() - start, 1)
+    result = {
+        "model": str(model_dir),
+        "vae": str(vae_dir),
+        "base": str(base_path),
+        "dataset": dataset,
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress", "extra")},
+        "classifier": clf,
+        "generation": gen,
+        "inception_fid": inception_fid_status(),
+        "captioning": cap,
+        "text": text,
+        "seconds": timings,
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / EVAL_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    return result
