@@ -59,6 +59,8 @@ def read_shard(path: Path, on_skip: Callable[[str, str], None]) -> Iterator[Late
                 try:
                     latent = decode_latent(raw[LATENT_FIELD])
                     caption = raw[CAPTION_FIELD].decode("utf-8")
+                    # The source's key (image file, manifest line, demo id) names the sample in logs and batches.
+                    key = json.loads(raw[META_FIELD]).get("source_key", key) if META_FIELD in raw else key
                 except (KeyError, ValueError, UnicodeDecodeError, OSError) as err:
                     on_skip(f"{path}:{key}", f"bad sample: {type(err).__name__}: {err}")
                     continue

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when megafusion.kernels is first imported, which
+# any test module may trigger during collection: set it before all of them. CPU-only machines run kernels in the
+# interpreter; a CUDA machine (an explicit TRITON_INTERPRET=0) runs them natively.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

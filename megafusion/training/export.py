@@ -39,7 +39,8 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None 
     base = Path(meta["base"]["path"])
     if not base.exists() or hash_weights(base) != meta["base"]["sha256"]:
         raise ValueError(f"{checkpoint_dir / tag}: base model {base} is missing or its weights changed since training")
-    model = LlamaFusion.from_llama(base, cfg.model.separation, cfg.image, cfg.unet, attention=cfg.model.attention, routing=cfg.model.routing)
+    model = LlamaFusion.from_llama(base, cfg.model.separation, cfg.image, cfg.unet, attention=cfg.model.attention,
+                                   routing=cfg.model.routing)
     trainable = _trainable_state(checkpoint_dir, tag, cfg.train.zero_stage)
     params = dict(model.named_parameters())
     unknown = [k for k in trainable if k not in params]
