@@ -52,7 +52,9 @@ class LatentShardWriter:
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         dist = self.vae.encode(images).latent_dist
         latent = dist.sample(generator) if self.sample_posterior else dist.mode()
-        return latent * self.scaling
+        # Same convention as inference decoding: (z - shift) * scale (shift_factor is 0 for SD-style VAEs).
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latent - shift) * self.scaling
 
     def write_shard(self, path: Path, samples: list[RawSample], progress: tqdm | None = None) -> dict:
         skips = SkipLog()

@@ -15,6 +15,8 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--out", default="outputs/demo", help="output directory (steps already done there are reused)")
     p.add_argument("--config", default=None, help="run YAML (default: configs/demo-<dataset>.yaml)")
     p.add_argument("--vae-steps", type=int, default=None, help="demo VAE training steps")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: $OMP_NUM_THREADS, else the cores the load average shows idle)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny budget (random tiny Llama, a few steps): checks the pipeline in about a minute")
 
@@ -39,6 +41,7 @@ def run_demo_command(args: argparse.Namespace, overrides: list[str]) -> int:
         settings.overrides += overrides
     else:
         settings = DemoSettings(dataset=args.dataset, out=out, overrides=overrides)
+    settings.threads = args.threads
     if args.config:
         settings.config = Path(args.config)
     if args.vae_steps is not None:

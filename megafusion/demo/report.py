@@ -119,7 +119,8 @@ def _markdown(report: dict) -> str:
         "",
         f"LlamaFusion on `{ctx['base']}` ({report['config']['model']['separation']} separation, "
         f"lr_text = {report['config']['optim']['lr_text']}), trained on CPU for {train.get('steps', 'n/a')} steps. "
-        f"Wall time of this run: {ctx['wall_seconds'] / 60:.1f} min.",
+        f"Wall time of this run: {ctx['wall_seconds'] / 60:.1f} min ({ctx.get('torch_threads')} torch thread(s); "
+        f"1-minute load average at start {ctx.get('load_average_at_start')}).",
         "",
         "## Headline numbers",
         "",

@@ -110,10 +110,9 @@ def evaluate_images(model, tokenizer, vae, spec, classifier, test, settings: Eva
 def evaluate_captions(model, tokenizer, vae, spec, test, settings: EvalSettings, out: Path | None) -> dict:
     """Image -> text on held-out images: caption accuracy and CIDEr."""
     from megafusion.eval.captions import caption_accuracy, cider
+    from megafusion.eval.datasets import balanced_subset
     from megafusion.eval.figures import caption_sheet
     from megafusion.eval.model_io import caption_latents
-
-    from megafusion.eval.datasets import balanced_subset
 
     held = balanced_subset(spec, test, settings.num_caption_images)
     latents = _encode(vae, [s.image for s in held], model.image_config.latent_size)

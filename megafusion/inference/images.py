@@ -21,8 +21,10 @@ LATENTS_KEY = "latents"
 
 
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """Any diffusers AutoencoderKL directory (the sd-vae-ft-mse layout)."""
-    return AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype).eval()
+    """Any diffusers AutoencoderKL directory (the sd-vae-ft-mse layout), frozen, in `dtype`."""
+    from megafusion.data_pipeline.vae import load_vae as load_frozen_vae
+
+    return load_frozen_vae(path).to(dtype)
 
 
 def _processor(vae: AutoencoderKL) -> VaeImageProcessor:

@@ -1,0 +1,42 @@
+"""`megafusion demo --quick`: the whole pipeline (VAE, latents, training, export, evaluation, report) on the
+random tiny Llama with a few steps, then a rerun that reuses every finished step."""
+
+import json
+import subprocess
+
+import pytest
+
+from tests.distributed import REPO, cpu_env, megafusion_command
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(out) -> subprocess.CompletedProcess:
+    proc = subprocess.run(megafusion_command(["demo", "--quick", "--out", str(out)]), cwd=REPO, env=cpu_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
+    out = tmp_path / "demo"
+    _demo(out)
+    for name in ("report.md", "report.json", "loss_curves.png", "eval/generated.png", "eval/captions.png",
+                 "eval/generated/prompt_00.png", "eval/generated/prompt_09.png", "eval/eval.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["targets"]) == {"generation_accuracy", "caption_accuracy", "text_identical_to_base",
+                                      "wall_seconds"}
+    assert report["targets"]["text_identical_to_base"]["value"] is True  # text frozen: always identical
+    ev = report["eval"]
+    assert 0.0 <= ev["generation"]["accuracy"] <= 1.0 and ev["generation"]["fid_in_domain"] >= 0
+    assert 0.0 <= ev["captioning"]["accuracy"] <= 1.0 and ev["captioning"]["cider"] >= 0
+    assert ev["classifier"]["test_accuracy"] > 0.9  # the in-domain judge itself is reliable on real digits
+    assert report["training"]["steps"] == 3
+    md = (out / "report.md").read_text()
+    assert "![loss curves](loss_curves.png)" in md and "eval/generated.png" in md and "eval/captions.png" in md
+
+    again = _demo(out)
+    for step in ("demo VAE", "latents", "training", "export"):
+        line = next(ln for ln in again.stdout.splitlines() if ln.startswith("[demo") and step in ln)
+        assert "already done, reusing" in line, line
