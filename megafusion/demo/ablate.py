@@ -42,13 +42,15 @@ def _prepare_data(settings: AblationSettings) -> tuple[Path, Path, list[str]]:
     """The demo's VAE and shards (made by the demo's own steps when missing) and the run-config overrides."""
     from megafusion.data_pipeline.latent_shards import precompute_latents
     from megafusion.data_pipeline.vae import train_vae
-    from megafusion.demo.pipeline import _shards_ready, _vae_ready, demo_config
+    from megafusion.demo.pipeline import _claim_out_dir, _shards_ready, _vae_ready, demo_config
 
     demo = DemoSettings(dataset=settings.dataset, out=settings.demo_out,
                         overrides=(list(QUICK_OVERRIDES) if settings.quick else []) + settings.overrides,
                         vae=QUICK_VAE if settings.quick else VaeSettings())
     cfg, config_path = demo_config(demo)
     out = demo.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(out, settings.dataset)
     vae_dir, shards = out / "vae", out / "shards"
     if not _vae_ready(vae_dir, cfg.image.latent_channels, demo.resolution):
         v = demo.vae

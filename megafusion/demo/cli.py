@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import Any
 
 
+def default_demo_out(dataset: str) -> str:
+    return "outputs/demo" if dataset == "digits" else f"outputs/demo-{dataset}"
+
+
 def add_demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on a built-in dataset (CPU, ~25 min): train, evaluate, "
                                     "report [--section.key=value overrides the run config]")
     p.add_argument("--dataset", default="digits", choices=("digits", "shapes"))
-    p.add_argument("--out", default="outputs/demo", help="output directory (steps already done there are reused)")
+    p.add_argument("--out", default=None,
+                   help="output directory, steps already done there are reused (default: outputs/demo for digits, "
+                        "outputs/demo-shapes for shapes)")
     p.add_argument("--config", default=None, help="run YAML (default: configs/demo-<dataset>.yaml)")
     p.add_argument("--vae-steps", type=int, default=None, help="demo VAE training steps")
     p.add_argument("--threads", type=int, default=None,
@@ -25,7 +31,8 @@ def add_ablate_parser(sub: Any) -> None:
     p = sub.add_parser("ablate", help="paper section 5 at small scale: separation none/ffn/deep x lr ratio 0/0.1/1")
     p.add_argument("--dataset", default="digits", choices=("digits", "shapes"))
     p.add_argument("--out", default="outputs/ablate")
-    p.add_argument("--demo-out", default="outputs/demo", help="a demo output dir whose VAE and shards are reused")
+    p.add_argument("--demo-out", default=None,
+                   help="demo output dir whose VAE and shards are reused (default: the demo's default for the dataset)")
     p.add_argument("--steps", type=int, default=60, help="training steps per arm")
     p.add_argument("--separations", default="none,ffn,deep")
     p.add_argument("--ratios", default="0,0.1,1", help="lr_text / lr_image")
@@ -35,7 +42,7 @@ def add_ablate_parser(sub: Any) -> None:
 def run_demo_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from megafusion.demo.pipeline import DemoSettings, VaeSettings, quick_settings, run_demo
 
-    out = Path(args.out)
+    out = Path(args.out or default_demo_out(args.dataset))
     if args.quick:
         settings = quick_settings(args.dataset, out)
         settings.overrides += overrides
@@ -56,7 +63,8 @@ def run_ablate_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from megafusion.demo.ablate import AblationSettings, run_ablation
 
     settings = AblationSettings(
-        dataset=args.dataset, out=Path(args.out), demo_out=Path(args.demo_out), steps=args.steps,
+        dataset=args.dataset, out=Path(args.out), steps=args.steps,
+        demo_out=Path(args.demo_out or default_demo_out(args.dataset)),
         separations=[s.strip() for s in args.separations.split(",") if s.strip()],
         ratios=[float(r) for r in args.ratios.split(",") if r.strip()], quick=args.quick, overrides=overrides,
     )

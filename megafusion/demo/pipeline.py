@@ -13,19 +13,25 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megafusion.config.schema import MegaFusionConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EXPORT_MARKER = "exported_from.json"
+DEMO_MARKER = "demo.json"
 
 
 @dataclass
 class VaeSettings:
-    steps: int = 400
+    """The demo VAE (data_pipeline.vae.train_vae's defaults): 32 px -> 4x8x8 latents in about 1.5 min on CPU."""
+
+    steps: int = 600
     batch_size: int = 32
     lr: float = 2e-3
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    norm_num_groups: int = 16
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    norm_num_groups: int = 8
 
 
 @dataclass
@@ -82,7 +88,7 @@ class StepLog:
         return result
 
 
-def demo_config(settings: DemoSettings):
+def demo_config(settings: DemoSettings) -> tuple[MegaFusionConfig, Path]:
     from megafusion.config import load_config
 
     path = settings.config or REPO_CONFIGS / f"demo-{settings.dataset}.yaml"
@@ -91,6 +97,17 @@ def demo_config(settings: DemoSettings):
     out = settings.out.resolve()
     overrides = [f"--data.shards={out / 'shards'}", f"--train.output_dir={out / 'run'}", *settings.overrides]
     return load_config(path, overrides), Path(path)
+
+
+def _claim_out_dir(out: Path, dataset: str) -> None:
+    """One output directory holds one dataset's demo: its reusable steps would silently mix otherwise."""
+    marker = out / DEMO_MARKER
+    if marker.is_file():
+        found = json.loads(marker.read_text()).get("dataset")
+        if found != dataset:
+            raise ValueError(f"{out}: holds the {found!r} demo; pass another --out for {dataset!r}")
+    else:
+        marker.write_text(json.dumps({"dataset": dataset}) + "\n")
 
 
 def _vae_ready(vae_dir: Path, channels: int, resolution: int) -> bool:
@@ -132,7 +149,7 @@ def _export_ready(model_dir: Path, run_dir: Path) -> bool:
     return json.loads(marker.read_text()).get("step") == _trained_step(run_dir)
 
 
-def _train(cfg) -> None:
+def _train(cfg: MegaFusionConfig) -> None:
     import logging
 
     from megafusion.training.trainer import train
@@ -148,18 +165,36 @@ def _export(run_dir: Path, model_dir: Path) -> None:
     (model_dir / EXPORT_MARKER).write_text(json.dumps({"run": str(run_dir), "step": _trained_step(run_dir)}) + "\n")
 
 
+def _busy_cores(seconds: float = 1.0) -> float:
+    """Cores other processes kept busy over the last `seconds` (from /proc/stat; 0 where that is unavailable).
+    Sampled now rather than read from the load average, which still counts work that ended a minute ago."""
+
+    def snapshot() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total and idle + iowait jiffies
+
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(seconds)
+        total1, idle1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1.0 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def choose_threads(requested: int | None = None) -> int:
-    """Torch threads for the demo: `requested`, else $OMP_NUM_THREADS, else the cores other processes leave idle.
+    """Torch threads for the demo: `requested`, else $OMP_NUM_THREADS, else the cores that are idle right now.
 
     On a 2-core machine already running other work, two OpenMP threads per process spin against each other:
     a 256-token training step measured 9-19 s with 2 threads against 1.7 s with 1 (1.1 s with 2 on an idle
-    machine), so the demo only takes the cores that the 1-minute load average says are free."""
+    machine), so the demo only takes the cores nobody else is using when it starts."""
     if requested:
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return int(os.environ["OMP_NUM_THREADS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    return max(1, min(cores, round(cores - _busy_cores())))
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -170,7 +205,8 @@ def run_demo(settings: DemoSettings) -> dict:
     threads = choose_threads(settings.threads)
     torch.set_num_threads(threads)
     if settings.progress:
-        print(f"[demo] {threads} torch thread(s), 1-minute load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"[demo] {threads} torch thread(s) (1-minute load average {os.getloadavg()[0]:.1f}; --threads to set)",
+              flush=True)
     from megafusion.checkpoint.builtin_bases import resolve_base
     from megafusion.data_pipeline.latent_shards import precompute_latents
     from megafusion.data_pipeline.vae import train_vae
@@ -181,6 +217,7 @@ def run_demo(settings: DemoSettings) -> dict:
     load_at_start = round(os.getloadavg()[0], 2)
     out = settings.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(out, settings.dataset)
     cfg, config_path = demo_config(settings)
     source = f"demo:{settings.dataset}"
     vae_dir, shards, run_dir, model_dir = out / "vae", out / "shards", out / "run", out / "model"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from megafusion.config import config_to_dict
+from megafusion.config.schema import MegaFusionConfig
 
 TARGETS = {
     # The targets for the digits demo (chance is 10% for both accuracies).
@@ -192,7 +193,7 @@ def _relink(results: dict, prefix: str) -> None:
             results[section][key] = f"{prefix}/{results[section][key]}"
 
 
-def write_report(out: Path, cfg, context: dict, results: dict, metrics_path: Path) -> dict:
+def write_report(out: Path, cfg: MegaFusionConfig, context: dict, results: dict, metrics_path: Path) -> dict:
     records = read_metrics(metrics_path)
     plot_losses(records, out / "loss_curves.png")
     _relink(results, "eval")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,12 +16,15 @@ from megafusion.inference.text import generate_tokens
 from megafusion.inference.tokens import stop_token_ids
 from megafusion.model import LlamaFusion
 
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
 # fp32 on the same CPU kernels: the text path computes the same ops as transformers up to summation order.
 DEFAULT_TOLERANCE = 1e-4
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (1, S) ids -> (1, S, V) logits over the base vocabulary
 
 
-def load_base_lm(base: str | Path):
+def load_base_lm(base: str | Path) -> LlamaForCausalLM:
     """transformers' LlamaForCausalLM (fp32, eval) from the base HF directory or .gguf file."""
     from transformers import LlamaForCausalLM
 
@@ -51,7 +55,7 @@ def fused_logits(model: LlamaFusion) -> LogitsFn:
     return lambda ids: model(input_ids=ids).logits
 
 
-def hf_logits(model) -> LogitsFn:
+def hf_logits(model: LlamaForCausalLM) -> LogitsFn:
     return lambda ids: model(input_ids=ids).logits
 
 
@@ -64,7 +68,7 @@ def token_logprobs(logits_fn: LogitsFn, ids: Sequence[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _hf_greedy(base_lm, ids: list[int], max_new_tokens: int, stop: set[int]) -> list[int]:
+def _hf_greedy(base_lm: LlamaForCausalLM, ids: list[int], max_new_tokens: int, stop: set[int]) -> list[int]:
     from transformers import GenerationConfig
 
     # An explicit config: sampling settings a base's generation_config.json might carry must not apply.
@@ -76,7 +80,7 @@ def _hf_greedy(base_lm, ids: list[int], max_new_tokens: int, stop: set[int]) -> 
 
 
 @torch.no_grad()
-def text_identity(model: LlamaFusion, base_lm, tokenizer: TextTokenizer, prompts: Sequence[list[int]],
+def text_identity(model: LlamaFusion, base_lm: LlamaForCausalLM, tokenizer: TextTokenizer, prompts: Sequence[list[int]],
                   max_new_tokens: int = 24, tolerance: float = DEFAULT_TOLERANCE,
                   decode: Callable[[list[int]], str] | None = None) -> dict:
     """Greedy continuations of each prompt by the fused model and by the base LM, and the per-token
