@@ -148,13 +148,13 @@ def plot_ablation(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"none": "o", "ffn": "s", "deep": "^"}
+    styles = {"none": ("o", "tab:blue"), "ffn": ("s", "tab:orange"), "deep": ("^", "tab:green")}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in zip(axes, ("generation_accuracy", "caption_accuracy"),
                               ("generation accuracy", "caption accuracy"), strict=True):
         for r in rows:
-            ax.scatter(r["perplexity_change"], r[key], marker=markers.get(r["separation"], "x"), s=60,
-                       label=r["separation"])
+            marker, colour = styles.get(r["separation"], ("x", "black"))
+            ax.scatter(r["perplexity_change"], r[key], marker=marker, color=colour, s=60, label=r["separation"])
             ax.annotate(f"{r['lr_ratio']:g}", (r["perplexity_change"], r[key]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
         ax.set_xlabel("held-out perplexity change vs base (text score; 0 = preserved)")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EXPORT_MARKER = "exported_from.json"
 DEMO_MARKER = "demo.json"
+RUN_MARKER = "trained_on.json"
 
 
 @dataclass
@@ -149,6 +150,22 @@ def _export_ready(model_dir: Path, run_dir: Path) -> bool:
     return json.loads(marker.read_text()).get("step") == _trained_step(run_dir)
 
 
+def _drop_if_stale(run_dir: Path, model_dir: Path, vae_dir: Path, progress: bool) -> None:
+    """A run (and its export) trained on another VAE's latents is useless with this one: remove both, and record
+    which VAE the run about to start uses."""
+    from megafusion.data_pipeline.vae import vae_identity
+
+    marker = run_dir / RUN_MARKER
+    vae_sha = vae_identity(vae_dir)["weights_sha256"]
+    if marker.is_file() and json.loads(marker.read_text()).get("vae_sha256") != vae_sha:
+        if progress:
+            print(f"[demo] {run_dir} was trained on another VAE's latents: training again", flush=True)
+        shutil.rmtree(run_dir)
+        shutil.rmtree(model_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"vae_sha256": vae_sha}) + "\n")
+
+
 def _train(cfg: MegaFusionConfig) -> None:
     import logging
 
@@ -240,6 +257,7 @@ def run_demo(settings: DemoSettings) -> dict:
             progress=settings.progress),
         f"VAE latents of the train split -> {shards}",
     )
+    _drop_if_stale(run_dir, model_dir, vae_dir, settings.progress)
     trained = _trained_step(run_dir) >= max_steps
     steps.run("train", trained, lambda: trained or _train(cfg),
               f"LlamaFusion training ({cfg.model.separation} separation, lr_text={cfg.optim.lr_text}, "

@@ -12,7 +12,7 @@ from PIL import Image
 
 from megafusion.data_pipeline.demo.common import DemoSample
 from megafusion.data_pipeline.demo.digits import DIGIT_CAPTION_TEMPLATES, DIGIT_WORDS, digit_from_caption
-from megafusion.data_pipeline.demo.shapes import Shape, check_image, parse_caption
+from megafusion.data_pipeline.demo.shapes import POSITIONS, Shape, check_image, parse_caption
 from megafusion.eval.classifier import ImageClassifier
 
 DATASETS = ("digits", "shapes")
@@ -90,9 +90,11 @@ def _shapes_of(sample: DemoSample) -> list[Shape]:
 
 
 def _shape_class(sample: DemoSample) -> str:
-    # 12 classes: colour + kind of the first shape in the caption. Enough for a feature space that notices
-    # wrong colours and shapes; exact judging of layouts is `check_image`'s job.
-    first = _shapes_of(sample)[0]
+    # 12 classes: colour + kind of the first shape in reading order (left, right, top, bottom, center), which the
+    # picture determines (caption order does not: pairs are named either way). Enough for a feature space that
+    # notices wrong colours and shapes; exact judging of layouts is `check_image`'s job.
+    order = list(POSITIONS)
+    first = min(_shapes_of(sample), key=lambda s: order.index(s.position))
     return f"{first.colour} {first.shape}"
 
 
