@@ -24,7 +24,8 @@ from megafusion.model import LlamaFusion
 
 
 def _bos(tokenizer: TextTokenizer) -> list[int]:
-    return [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    # Exactly what training documents start with (the tokenizer's own prefix: nothing for SmolLM2).
+    return list(tokenizer.prefix_ids)
 
 
 @torch.no_grad()

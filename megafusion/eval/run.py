@@ -154,8 +154,11 @@ def evaluate_text(model: LlamaFusion, tokenizer: TextTokenizer, base: Path, sett
     from megafusion.eval.text import fused_logits, hf_logits, load_base_lm, perplexity, prompt_ids, text_identity
 
     base_lm = load_base_lm(base)
-    prompts = [prompt_ids(base, tokenizer, p) for p in PROMPTS[: settings.num_text_prompts]]
-    identity = text_identity(model, base_lm, tokenizer, prompts, settings.text_max_new_tokens)
+    texts = PROMPTS[: settings.num_text_prompts]
+    identity = text_identity(model, base_lm, tokenizer, [prompt_ids(base, tokenizer, p) for p in texts],
+                             settings.text_max_new_tokens)
+    for row, text in zip(identity["prompts"], texts, strict=True):
+        row["prompt"] = text  # the user's words, not the whole chat-template rendering
     ppl_fused = perplexity(fused_logits(model), tokenizer, PARAGRAPHS)
     ppl_base = perplexity(hf_logits(base_lm), tokenizer, PARAGRAPHS)
     return {**identity, "perplexity": ppl_fused, "perplexity_base": ppl_base,
