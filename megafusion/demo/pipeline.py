@@ -61,7 +61,8 @@ QUICK_OVERRIDES = [
 ]
 QUICK_VAE = VaeSettings(steps=3, batch_size=8, block_out_channels=(8, 16, 16), norm_num_groups=8)
 QUICK_EVAL = {"images_per_prompt": 2, "num_prompts": 3, "num_steps": 2, "num_caption_images": 8,
-              "caption_max_new_tokens": 4, "text_max_new_tokens": 4, "num_text_prompts": 1, "caption_sheet_size": 6}
+              "num_denoising_images": 6, "caption_max_new_tokens": 4, "text_max_new_tokens": 4, "num_text_prompts": 1,
+              "caption_sheet_size": 6}
 
 
 def quick_settings(dataset: str, out: Path) -> DemoSettings:

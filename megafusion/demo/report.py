@@ -114,6 +114,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def _markdown(report: dict) -> str:
     r, ctx, train = report["eval"], report["context"], report["training"]
     gen, cap, clf, text = r["generation"], r["captioning"], r["classifier"], r.get("text") or {}
+    den = r.get("denoising") or {}
     inception = "computed" if r["inception_fid"]["computed"] else "skipped: " + r["inception_fid"]["reason"]
     lines = [
         f"# megafusion demo: {ctx['dataset']}",
@@ -141,6 +142,9 @@ def _markdown(report: dict) -> str:
         f"{_fmt(clf['fid_real_train_vs_test'], 2)} |",
         f"| Inception FID | {inception} |",
         f"| caption CIDEr (CIDEr-D, x10 scale) | {_fmt(cap['cider'])} |",
+        f"| held-out noise-prediction MSE: own caption / other class's caption / no caption | "
+        f"{_fmt(den.get('loss_own_caption'), 4)} / {_fmt(den.get('loss_other_caption'), 4)} / "
+        f"{_fmt(den.get('loss_no_caption'), 4)} |",
         f"| greedy text outputs identical to base | {_fmt(text.get('greedy_identical'))} |",
         f"| max abs log-prob difference vs base | {_fmt(text.get('max_abs_logprob_diff'), 8) if text else 'n/a'} |",
         f"| perplexity on held-out paragraphs (fused / base) | {_fmt(text.get('perplexity'))} / "

@@ -76,6 +76,8 @@ def summary(result: dict) -> dict:
         "fid_real_train_vs_test": result["classifier"]["fid_real_train_vs_test"],
         "caption_accuracy": result["captioning"]["accuracy"],
         "cider": result["captioning"]["cider"],
+        "heldout_noise_mse": result["denoising"]["loss_own_caption"],
+        "caption_gain": result["denoising"]["caption_gain"],
         "text_identical_to_base": text.get("identical"),
         "max_abs_logprob_diff": text.get("max_abs_logprob_diff"),
         "perplexity": text.get("perplexity"),

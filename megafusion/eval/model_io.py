@@ -1,9 +1,9 @@
 """Image generation and captioning laid out exactly like the training documents.
 
-The trainer's packer starts every document with the tokenizer's BOS whether or not the tokenizer would add
-one itself (SmolLM2's HF tokenizer does not), so here rows are built from the training tokenizer:
-    text -> image   BOS caption BOI [image]         (unconditional CFG branch: BOS BOI [image])
-    image -> text   BOS BOI [image] EOI caption EOS
+The trainer's packer starts every document with the tokenizer's own prefix (its BOS where it adds one;
+nothing for SmolLM2), and so do the rows here (P = that prefix):
+    text -> image   P caption BOI [image]         (unconditional CFG branch: P BOI [image])
+    image -> text   P BOI [image] EOI caption EOS
 """
 
 from __future__ import annotations

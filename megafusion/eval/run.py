@@ -42,6 +42,8 @@ class EvalSettings:
     num_text_prompts: int = 4
     # Captions shown with their images in captions.png.
     caption_sheet_size: int = 24
+    # Held-out images for the noise-prediction loss with own / other / no caption (eval/denoising.py).
+    num_denoising_images: int = 50
     seed: int = 0
     # Image generation and captioning run in this dtype (bf16 matmuls are 2-3x faster on CPU); the text checks
     # always use fp32, where the fused model must match transformers to 1e-4.
@@ -165,9 +167,23 @@ def evaluate_text(model: LlamaFusion, tokenizer: TextTokenizer, base: Path, sett
             "perplexity_paragraphs": len(PARAGRAPHS)}
 
 
+def evaluate_denoising(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderKL, spec: DatasetSpec,
+                       test: list[DemoSample], settings: EvalSettings) -> dict:
+    """Held-out DDPM loss and the caption's share of it (sensitive long before samples look right)."""
+    from megafusion.diffusion.schedule import DDPMSchedule
+    from megafusion.eval.datasets import balanced_subset
+    from megafusion.eval.denoising import heldout_denoising
+
+    held = balanced_subset(spec, test, settings.num_denoising_images)
+    latents = _encode(vae, [s.image for s in held], model.image_config.latent_size)
+    schedule = DDPMSchedule()  # the default T and cosine schedule, as the samplers assume
+    return heldout_denoising(model, tokenizer, latents, [s.caption for s in held],
+                             [spec.class_label(s) for s in held], schedule, seed=settings.seed)
+
+
 def _image_evals(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderKL, spec: DatasetSpec,
                  classifier: ImageClassifier, test: list[DemoSample], settings: EvalSettings, out: Path | None,
-                 timings: dict[str, float]) -> tuple[dict, dict]:
+                 timings: dict[str, float]) -> tuple[dict, dict, dict]:
     """Generation and captioning on a copy of the model in `settings.image_dtype` (the fp32 one stays exact)."""
     image_model = copy.deepcopy(model).to(getattr(torch, settings.image_dtype))
     with torch.no_grad():
@@ -177,8 +193,13 @@ def _image_evals(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderK
              settings.progress)
         cap = _timed(timings, "captioning", lambda: evaluate_captions(image_model, tokenizer, vae, spec, test,
                                                                       settings, out))
-        _say(f"caption accuracy {cap['accuracy']:.3f}, CIDEr {cap['cider']:.3f}", settings.progress)
-    return gen, cap
+        _say(f"caption accuracy {cap['accuracy']:.3f}, CIDEr {cap['cider']:.3f}; held-out denoising loss",
+             settings.progress)
+        den = _timed(timings, "denoising", lambda: evaluate_denoising(image_model, tokenizer, vae, spec, test,
+                                                                      settings))
+        _say(f"held-out noise MSE {den['loss_own_caption']:.4f} (caption gain {den['caption_gain']:+.4f})",
+             settings.progress)
+    return gen, cap, den
 
 
 def evaluate(model_dir: str | Path, vae_dir: str | Path, dataset: str, out_dir: str | Path | None = None,
@@ -219,7 +240,7 @@ def evaluate(model_dir: str | Path, vae_dir: str | Path, dataset: str, out_dir: 
                                               classifier.features([s.image for s in real_subset])),
     }
     _say(f"classifier test accuracy {clf['test_accuracy']:.3f}; generating images", settings.progress)
-    gen, cap = _image_evals(model, tokenizer, vae, spec, classifier, test, settings, out, timings)
+    gen, cap, den = _image_evals(model, tokenizer, vae, spec, classifier, test, settings, out, timings)
     text = None
     if not settings.skip_text:
         _say("text: greedy outputs and log-likelihoods vs the base LM, perplexity", settings.progress)
@@ -237,6 +258,7 @@ def evaluate(model_dir: str | Path, vae_dir: str | Path, dataset: str, out_dir: 
         "generation": gen,
         "inception_fid": inception_fid_status(),
         "captioning": cap,
+        "denoising": den,
         "text": text,
         "seconds": timings,
     }

@@ -31,6 +31,7 @@ def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
     ev = report["eval"]
     assert 0.0 <= ev["generation"]["accuracy"] <= 1.0 and ev["generation"]["fid_in_domain"] >= 0
     assert 0.0 <= ev["captioning"]["accuracy"] <= 1.0 and ev["captioning"]["cider"] >= 0
+    assert ev["denoising"]["num_images"] == 6 and ev["denoising"]["loss_own_caption"] > 0
     assert ev["classifier"]["test_accuracy"] > 0.9  # the in-domain judge itself is reliable on real digits
     assert report["training"]["steps"] == 3
     md = (out / "report.md").read_text()
