@@ -111,9 +111,13 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
+    # The U-Net down/up samplers start from scratch while the rest of the image set starts from pretrained
+    # weights: their peak lr is lr_image * unet_lr_scale (1 = the paper's single image lr).
+    unet_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.lr_text >= 0, f"lr_text: must be >= 0, got {self.lr_text}")
+        _require(self.unet_lr_scale > 0, f"unet_lr_scale: must be > 0, got {self.unet_lr_scale}")
         _require(self.lr_image > 0, f"lr_image: must be > 0, got {self.lr_image}")
         _require(
             0 <= self.lr_min_image <= self.lr_image,

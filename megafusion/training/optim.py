@@ -11,12 +11,26 @@ from megafusion.config.schema import OptimConfig
 from megafusion.model.fusion import LlamaFusion
 
 
+UNET_PREFIXES = ("unet_down.", "unet_up.")
+
+
+def _split_unets(groups: dict[str, list]) -> dict[str, list]:
+    image = groups.pop("image")
+    groups["image"] = [(n, p) for n, p in image if not n.startswith(UNET_PREFIXES)]
+    groups["unet"] = [(n, p) for n, p in image if n.startswith(UNET_PREFIXES)]
+    return groups
+
+
 def build_optimizer(model: LlamaFusion, cfg: OptimConfig) -> torch.optim.AdamW:
     """Groups `text` / `image` (each split into decayed matrices and undecayed norms/vectors). A group with
-    lr 0 is frozen: requires_grad=False, so it gets no weight gradients and no optimizer state."""
-    lrs = {"text": cfg.lr_text, "image": cfg.lr_image}
+    lr 0 is frozen: requires_grad=False, so it gets no weight gradients and no optimizer state. With
+    unet_lr_scale != 1 the U-Nets (part of the image group) form their own `unet` group."""
+    lrs = {"text": cfg.lr_text, "image": cfg.lr_image, "unet": cfg.lr_image * cfg.unet_lr_scale}
+    groups = model.grouped_parameters()
+    if cfg.unet_lr_scale != 1.0:
+        groups = _split_unets(groups)
     param_groups = []
-    for group, named in model.grouped_parameters().items():
+    for group, named in groups.items():
         lr = lrs[group]
         if lr == 0:
             for _, p in named:

@@ -76,3 +76,17 @@ def test_everything_frozen_is_an_error(tmp_path):
         cfg.lr_image = 0.0
         build_optimizer(model, cfg)
     assert isinstance(model.embed_tokens.weight, torch.nn.Parameter)
+
+
+def test_unet_lr_scale_gives_the_unets_their_own_rate(tmp_path):
+    model = _model(tmp_path)
+    opt = build_optimizer(model, OptimConfig(lr_image=1e-4, unet_lr_scale=4.0, warmup_steps=0, total_steps=10))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert set(by_name) == {"image", "image_no_decay", "unet", "unet_no_decay"}
+    assert by_name["unet"]["lr"] == pytest.approx(4e-4) and by_name["image"]["lr"] == pytest.approx(1e-4)
+    unet_ids = {id(p) for m in (model.unet_down, model.unet_up) for p in m.parameters()}
+    assert {id(p) for g in ("unet", "unet_no_decay") for p in by_name[g]["params"]} == unet_ids
+    trainable = {id(p) for _, p in model.grouped_parameters()["image"]}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+    with pytest.raises(ValueError, match="unet_lr_scale"):
+        OptimConfig(unet_lr_scale=0.0)
