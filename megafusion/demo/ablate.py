@@ -31,8 +31,8 @@ class AblationSettings:
     overrides: list[str] = field(default_factory=list)
 
 
-ABLATION_EVAL = {"images_per_prompt": 4, "num_caption_images": 60, "num_denoising_images": 50, "text_max_new_tokens": 16,
-                 "num_text_prompts": 2}
+ABLATION_EVAL = {"images_per_prompt": 4, "num_caption_images": 60, "num_denoising_images": 50,
+                 "text_max_new_tokens": 16, "num_text_prompts": 2}
 
 
 def _arm_name(separation: str, ratio: float) -> str:

@@ -10,7 +10,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from megafusion.config.schema import OptimConfig
 from megafusion.model.fusion import LlamaFusion
 
-
 UNET_PREFIXES = ("unet_down.", "unet_up.")
 
 
