@@ -55,7 +55,7 @@ def predict_noise(
     """One cached model call: noise prediction for one noisy image per cache row."""
     ids, modality = image_chunk(model, cache.batch_size)
     t = torch.as_tensor(timestep, device=latents.device).reshape(1).expand(latents.shape[0])
-    out = model(ids, modality, images=latents, timesteps=t, compute_logits=False, past_key_values=cache)
+    out = model(ids, modality, images=latents, timesteps=t, compute_logits=False, kv_cache=cache)
     return out.noise_pred
 
 

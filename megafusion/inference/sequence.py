@@ -86,7 +86,7 @@ def forward_step(
     if images is not None:
         timesteps = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
     out = model(input_ids, modality, doc_ids=doc_ids, images=images, timesteps=timesteps, compute_logits=False,
-                past_key_values=cache, use_cache=True)
+                kv_cache=cache, use_cache=True)
     logits = None
     if bool((modality[:, -1] == TEXT).all()):
         batch, seq = input_ids.shape
@@ -95,7 +95,7 @@ def forward_step(
         rows = torch.searchsorted(out.text_index, last)
         text_logits, special = model.lm_logits(out.text_hidden.index_select(0, rows))
         logits = torch.cat((text_logits, special), dim=-1).float()
-    return Step(out.past_key_values, logits)
+    return Step(out.kv_cache, logits)
 
 
 def prefill(model: LlamaFusion, rows: Sequence[Sequence[Item]]) -> Step:

@@ -45,8 +45,9 @@ class FusionOutput(ModelOutput):
     # (N_text, hidden) final-normed hidden states of text tokens and their flat (B*S) indices.
     text_hidden: torch.Tensor | None = None
     text_index: torch.Tensor | None = None
-    # With use_cache: the cache of [past + these tokens]; the cache passed in is left unchanged.
-    past_key_values: KVCache | None = None
+    # With use_cache: the cache of [past + these tokens]; the cache passed in is left unchanged. Not named
+    # `past_key_values`: transformers 5.2x's ModelOutput silently redirects that name to a `cache` field.
+    kv_cache: KVCache | None = None
     # With lm_targets: logits over base vocabulary + BOI/EOI for exactly the text rows that have a target.
     lm_logits: torch.Tensor | None = None
     lm_targets: torch.Tensor | None = None
@@ -145,14 +146,14 @@ class LlamaFusion(nn.Module):
         images: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         compute_logits: bool = True,
-        past_key_values: KVCache | None = None,
+        kv_cache: KVCache | None = None,
         use_cache: bool = False,
         lm_targets: torch.Tensor | None = None,
     ) -> FusionOutput:
         """input_ids: (B, S), ignored at image positions. images: (N, C, H, W) noisy latents, one per
         image id in order, with their diffusion `timesteps` (N,).
 
-        KV cache: with `past_key_values` the S tokens are a continuation of the cached ones: they attend to
+        KV cache: with `kv_cache` the S tokens are a continuation of the cached ones: they attend to
         [cached + new] under the hybrid rule, and every image must lie wholly inside this chunk (image ids are
         chunk-local, like `images`). Defaults then continue the cache: doc_ids = the last cached token's,
         position_ids = its position + 1, 2, ... With `use_cache` the output carries the cache of past + new.
@@ -160,13 +161,13 @@ class LlamaFusion(nn.Module):
         Training: `lm_targets` (B, S) next-token targets (-100 = none) make the LM head run only on the text rows
         that have one, inside this forward (where sharded parameters are gathered)."""
         layout = TokenLayout.build(
-            input_ids, modality, image_ids, self._cached_doc_ids(input_ids, doc_ids, past_key_values),
+            input_ids, modality, image_ids, self._cached_doc_ids(input_ids, doc_ids, kv_cache),
             position_ids, self.image_config.tokens_per_image,
         )
-        if past_key_values is not None and position_ids is None:
-            layout = replace(layout, position_ids=past_key_values.continuation_positions(layout.doc_ids))
+        if kv_cache is not None and position_ids is None:
+            layout = replace(layout, position_ids=kv_cache.continuation_positions(layout.doc_ids))
         router = ModalityRouter(layout.modality, self.routing_backend)
-        mask, cache_image_ids = self._mask(layout, past_key_values)
+        mask, cache_image_ids = self._mask(layout, kv_cache)
         dtype = self.embed_tokens.weight.dtype
 
         text_ids = router.to_grouped(input_ids)[: router.num_text]
@@ -181,13 +182,13 @@ class LlamaFusion(nn.Module):
 
         rope = self.rotary(layout.position_ids, dtype)
         attention = ATTENTION_BACKENDS[self.attention_backend]
-        cached = past_key_values is not None or use_cache
+        cached = kv_cache is not None or use_cache
         new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
             if not cached:
                 h = layer(h, router, rope, mask, attention)
                 continue
-            past = None if past_key_values is None else (past_key_values.keys[i], past_key_values.values[i])
+            past = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
             h, kv = layer(h, router, rope, mask, attention, past_kv=past, return_kv=True)
             if use_cache:
                 new_kv.append(kv)
@@ -212,7 +213,7 @@ class LlamaFusion(nn.Module):
             lm_logits = torch.cat(self.lm_logits(text_h[valid]), dim=-1)
         cache = None
         if use_cache:
-            cache = self._extend_cache(past_key_values, new_kv, layout, cache_image_ids)
+            cache = self._extend_cache(kv_cache, new_kv, layout, cache_image_ids)
         return FusionOutput(logits, special_logits, noise_pred, text_h, text_index, cache, lm_logits, targets)
 
     # ------------------------------------------------------------------ KV cache
@@ -222,9 +223,9 @@ class LlamaFusion(nn.Module):
         if past is None:
             return doc_ids
         if past.batch_size != input_ids.shape[0]:
-            raise ValueError(f"past_key_values holds {past.batch_size} rows but input_ids has {input_ids.shape[0]}")
+            raise ValueError(f"kv_cache holds {past.batch_size} rows but input_ids has {input_ids.shape[0]}")
         if past.num_layers != len(self.layers):
-            raise ValueError(f"past_key_values has {past.num_layers} layers, the model {len(self.layers)}")
+            raise ValueError(f"kv_cache has {past.num_layers} layers, the model {len(self.layers)}")
         if doc_ids is not None or len(past) == 0:
             return doc_ids
         return past.doc_ids[:, -1:].expand_as(input_ids)

@@ -51,8 +51,8 @@ def test_chunked_cached_forward_equals_full_forward(tmp_path, separation):
         for lo, hi in ((0, 1), (1, 10), (10, 12), (12, 14)):
             has_img = bool(mod[:, lo:hi].any())
             out = model(ids[:, lo:hi], mod[:, lo:hi], images=b["images"] if has_img else None,
-                        timesteps=b["timesteps"] if has_img else None, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                        timesteps=b["timesteps"] if has_img else None, kv_cache=cache, use_cache=True)
+            cache = out.kv_cache
             logits.append(out.logits)
             noise = out.noise_pred if has_img else noise
     assert len(cache) == ids.shape[1]
@@ -65,11 +65,11 @@ def test_forward_leaves_the_cache_it_reads_unchanged(tmp_path):
     model = _model(tmp_path)
     ids = torch.tensor([[1, 7, 8, 9]])
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).kv_cache
         keys = [k.clone() for k in cache.keys]
-        a = model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
-        b = model(torch.tensor([[5]]), past_key_values=cache)
-    assert len(cache) == 4 and len(a.past_key_values) == 5 and b.past_key_values is None
+        a = model(torch.tensor([[5]]), kv_cache=cache, use_cache=True)
+        b = model(torch.tensor([[5]]), kv_cache=cache)
+    assert len(cache) == 4 and len(a.kv_cache) == 5 and b.kv_cache is None
     assert all(torch.equal(k, k0) for k, k0 in zip(cache.keys, keys, strict=True))
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
 
@@ -85,21 +85,21 @@ def test_left_padding_is_invisible(tmp_path):
         pad = model(padded, doc_ids=doc, use_cache=True)
         torch.testing.assert_close(pad.logits[:, 2:], alone.logits, atol=1e-5, rtol=0)
         nxt = torch.tensor([[40]])
-        a = model(nxt, past_key_values=alone.past_key_values)
-        p = model(nxt, past_key_values=pad.past_key_values)
+        a = model(nxt, kv_cache=alone.kv_cache)
+        p = model(nxt, kv_cache=pad.kv_cache)
     torch.testing.assert_close(p.logits, a.logits, atol=1e-5, rtol=0)
 
 
 def test_cache_cat_batch_and_select(tmp_path):
     model = _model(tmp_path)
     with torch.no_grad():
-        a = model(torch.tensor([[1, 5, 6, 7, 8]]), use_cache=True).past_key_values
-        b = model(torch.tensor([[1, 9]]), use_cache=True).past_key_values
+        a = model(torch.tensor([[1, 5, 6, 7, 8]]), use_cache=True).kv_cache
+        b = model(torch.tensor([[1, 9]]), use_cache=True).kv_cache
         both = KVCache.cat_batch([a, b])
         nxt = torch.tensor([[3], [3]])
-        got = model(nxt, past_key_values=both).logits
-        ref_b = model(nxt[:1], past_key_values=b).logits
-        ref_a = model(nxt[:1], past_key_values=a).logits
+        got = model(nxt, kv_cache=both).logits
+        ref_b = model(nxt[:1], kv_cache=b).logits
+        ref_a = model(nxt[:1], kv_cache=a).logits
     assert both.batch_size == 2 and len(both) == 5 and both.doc_ids[1].tolist() == [PAD_DOC] * 3 + [0, 0]
     torch.testing.assert_close(got[1:], ref_b, atol=1e-5, rtol=0)
     torch.testing.assert_close(got[:1], ref_a, atol=1e-5, rtol=0)
@@ -109,6 +109,6 @@ def test_cache_cat_batch_and_select(tmp_path):
 def test_mismatched_cache_is_rejected(tmp_path):
     model = _model(tmp_path)
     with torch.no_grad():
-        cache = model(torch.tensor([[1, 5]]), use_cache=True).past_key_values
-        with pytest.raises(ValueError, match="past_key_values holds 1 rows"):
-            model(torch.tensor([[3], [4]]), past_key_values=cache)
+        cache = model(torch.tensor([[1, 5]]), use_cache=True).kv_cache
+        with pytest.raises(ValueError, match="kv_cache holds 1 rows"):
+            model(torch.tensor([[3], [4]]), kv_cache=cache)

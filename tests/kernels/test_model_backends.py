@@ -167,7 +167,7 @@ def test_kv_cached_continuation_matches_reference(model, attention):
             with torch.no_grad():
                 a, b = chunk_images
                 cached = model(**first, images=imgs[a], timesteps=ts[a], use_cache=True)
-                return model(**second, images=imgs[b], timesteps=ts[b], past_key_values=cached.past_key_values)
+                return model(**second, images=imgs[b], timesteps=ts[b], kv_cache=cached.kv_cache)
         finally:
             _use(model, "sdpa", "index")
 
