@@ -154,6 +154,14 @@ def _markdown(report: dict) -> str:
         f"{gen['num_steps']} steps, CFG {gen['guidance_scale']}; judged by the {gen['judge']}. "
         f"Captioning: {cap['num_images']} held-out images, greedy. CIDEr tokenizer: {cap['cider_tokenizer']}.",
         "",
+    ]
+    if gen.get("guidance_sweep"):
+        lines += ["Classifier-free guidance (same prompts and seeds; 1 = without CFG, 1.55 = the paper's CFG):", "",
+                  "| CFG scale | generation accuracy | in-domain FID |", "|---|---|---|"]
+        lines += [f"| {p['guidance_scale']:g} | {_fmt(p['accuracy'])} | {_fmt(p['fid_in_domain'], 2)} |"
+                  for p in gen["guidance_sweep"]]
+        lines.append("")
+    lines += [
         "## Training",
         "",
         "![loss curves](loss_curves.png)",

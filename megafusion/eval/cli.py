@@ -20,6 +20,7 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--no-cfg", action="store_true")
+    p.add_argument("--cfg-sweep", default="", help="more CFG scales to score, e.g. 1,1.55,5 (1 = no guidance)")
     p.add_argument("--caption-images", type=int, default=200, help="held-out images to caption")
     p.add_argument("--skip-text", action="store_true", help="skip the text identity and perplexity checks")
     p.add_argument("--seed", type=int, default=0)
@@ -46,6 +47,13 @@ def run_lm_eval(model: str, tasks: list[str], include: str | None, limit: float 
     return json.loads(json.dumps(results["results"], default=str))
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise ValueError(f"--cfg-sweep: expected comma-separated numbers, got {text!r}") from err
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from megafusion.eval.run import EVAL_JSON, EvalSettings, evaluate
 
@@ -53,6 +61,7 @@ def run_eval(args: argparse.Namespace) -> int:
         images_per_prompt=args.images_per_prompt, num_prompts=args.num_prompts, sampler=args.sampler,
         num_steps=args.steps, guidance_scale=None if args.no_cfg else args.cfg,
         num_caption_images=args.caption_images, skip_text=args.skip_text, seed=args.seed,
+        guidance_sweep=_scales(args.cfg_sweep),
     )
     result = evaluate(args.model, args.vae, args.dataset, args.out, settings, base=args.base)
     if args.lm_eval_tasks:
@@ -72,6 +81,7 @@ def summary(result: dict) -> dict:
     out = {
         "classifier_test_accuracy": result["classifier"]["test_accuracy"],
         "generation_accuracy": result["generation"]["accuracy"],
+        "guidance_scale": result["generation"]["guidance_scale"],
         "fid_in_domain": result["generation"]["fid_in_domain"],
         "fid_real_train_vs_test": result["classifier"]["fid_real_train_vs_test"],
         "caption_accuracy": result["captioning"]["accuracy"],
@@ -83,6 +93,10 @@ def summary(result: dict) -> dict:
         "perplexity": text.get("perplexity"),
         "perplexity_base": text.get("perplexity_base"),
     }
+    if result["generation"].get("guidance_sweep"):
+        out["generation_by_guidance"] = {f"{p['guidance_scale']:g}": {"accuracy": p["accuracy"],
+                                                                     "fid_in_domain": p["fid_in_domain"]}
+                                         for p in result["generation"]["guidance_sweep"]}
     if "lm_eval" in result:
         out["lm_eval"] = result["lm_eval"]
     return out

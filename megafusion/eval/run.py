@@ -36,6 +36,9 @@ class EvalSettings:
     num_steps: int = 25
     # None: no classifier-free guidance.
     guidance_scale: float | None = 2.0
+    # More CFG scales to score (accuracy and FID at each, same prompts and seed): the guidance trade-off curve.
+    # 1.0 is plain conditional sampling, the paper's "without CFG"; the paper's "with CFG" is 1.55.
+    guidance_sweep: tuple[float, ...] = ()
     num_caption_images: int = 200
     caption_max_new_tokens: int = 20
     text_max_new_tokens: int = 24
@@ -77,30 +80,56 @@ def _encode(vae: AutoencoderKL, images: list[Image.Image], latent_size: int, bat
     return torch.cat([encode_images(vae, images[i : i + batch], latent_size) for i in range(0, len(images), batch)])
 
 
-def evaluate_images(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderKL, spec: DatasetSpec,
-                    classifier: ImageClassifier, test: list[DemoSample], settings: EvalSettings,
-                    out: Path | None) -> dict:
-    """Text -> image: per-prompt correctness (rule check or classifier) and in-domain FID vs real test images."""
-    from megafusion.eval.fid import feature_fid
-    from megafusion.eval.figures import generation_overview, prompt_grid
+def _generate(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderKL, prompts: list, settings: EvalSettings,
+              guidance: float | None) -> list[Image.Image]:
     from megafusion.eval.model_io import generate_latents
     from megafusion.inference.text_to_image import ImageSamplingConfig
 
-    prompts = spec.prompts(settings.num_prompts)
-    config = ImageSamplingConfig(settings.sampler, settings.num_steps, settings.guidance_scale)
+    config = ImageSamplingConfig(settings.sampler, settings.num_steps, guidance)
     latents = generate_latents(model, tokenizer, [p.text for p in prompts], settings.images_per_prompt, config,
                                settings.seed, progress=settings.progress)
-    images = _decode(vae, latents)
+    return _decode(vae, latents)
+
+
+def _judge(images: list[Image.Image], prompts: list, spec: DatasetSpec, classifier: ImageClassifier,
+           real_features: np.ndarray, k: int) -> dict:
+    """Per-image verdicts (rule check or classifier), label agreement and in-domain FID of one generated set."""
+    from megafusion.eval.fid import feature_fid
+
     predicted = classifier.predict(images)
+    verdicts = [spec.image_correct(images[i], prompts[i // k], predicted[i]) for i in range(len(images))]
+    return {
+        "predicted": predicted,
+        "verdicts": verdicts,
+        "accuracy": float(np.mean(verdicts)),
+        "classifier_label_accuracy": float(np.mean([predicted[i] == prompts[i // k].label
+                                                    for i in range(len(images))])),
+        "fid_in_domain": feature_fid(real_features, classifier.features(images)),
+    }
+
+
+def evaluate_images(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderKL, spec: DatasetSpec,
+                    classifier: ImageClassifier, test: list[DemoSample], settings: EvalSettings,
+                    out: Path | None) -> dict:
+    """Text -> image: per-prompt correctness (rule check or classifier) and in-domain FID vs real test images, at
+    `settings.guidance_scale` and at every scale of `settings.guidance_sweep`."""
+    from megafusion.eval.figures import generation_overview, prompt_grid
+
+    prompts = spec.prompts(settings.num_prompts)
     k = settings.images_per_prompt
-    per_prompt, verdicts = [], []
-    for i, prompt in enumerate(prompts):
-        ok = [spec.image_correct(images[i * k + j], prompt, predicted[i * k + j]) for j in range(k)]
-        verdicts += ok
-        per_prompt.append({"prompt": prompt.text, "accuracy": sum(ok) / k,
-                           "classifier_predictions": [str(p) for p in predicted[i * k : (i + 1) * k]]})
-    label_hits = [predicted[i] == prompts[i // k].label for i in range(len(images))]
     real = classifier.features([s.image for s in test])
+    images = _generate(model, tokenizer, vae, prompts, settings, settings.guidance_scale)
+    judged = _judge(images, prompts, spec, classifier, real, k)
+    predicted, verdicts = judged["predicted"], judged["verdicts"]
+    per_prompt = [{"prompt": p.text, "accuracy": sum(verdicts[i * k : (i + 1) * k]) / k,
+                   "classifier_predictions": [str(x) for x in predicted[i * k : (i + 1) * k]]}
+                  for i, p in enumerate(prompts)]
+    sweep = []
+    for scale in settings.guidance_sweep:
+        point = judged if scale == settings.guidance_scale else _judge(
+            _generate(model, tokenizer, vae, prompts, settings, scale), prompts, spec, classifier, real, k)
+        sweep.append({"guidance_scale": scale, **{key: point[key] for key in
+                                                  ("accuracy", "classifier_label_accuracy", "fid_in_domain")}})
     result = {
         "num_images": len(images),
         "images_per_prompt": k,
@@ -108,10 +137,11 @@ def evaluate_images(model: LlamaFusion, tokenizer: TextTokenizer, vae: Autoencod
         "num_steps": settings.num_steps,
         "guidance_scale": settings.guidance_scale,
         "judge": "rule checker (check_image)" if spec.rule_check is not None else "in-domain classifier",
-        "accuracy": float(np.mean(verdicts)),
-        "classifier_label_accuracy": float(np.mean(label_hits)),
-        "fid_in_domain": feature_fid(real, classifier.features(images)),
+        "accuracy": judged["accuracy"],
+        "classifier_label_accuracy": judged["classifier_label_accuracy"],
+        "fid_in_domain": judged["fid_in_domain"],
         "per_prompt": per_prompt,
+        "guidance_sweep": sweep,
     }
     if out is not None:
         for i in range(len(prompts)):
@@ -189,8 +219,11 @@ def _image_evals(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderK
     with torch.no_grad():
         gen = _timed(timings, "generation", lambda: evaluate_images(image_model, tokenizer, vae, spec, classifier,
                                                                     test, settings, out))
-        _say(f"generation accuracy {gen['accuracy']:.3f}, FID {gen['fid_in_domain']:.2f}; captioning held-out images",
-             settings.progress)
+        for point in gen["guidance_sweep"]:
+            _say(f"CFG {point['guidance_scale']:g}: generation accuracy {point['accuracy']:.3f}, "
+                 f"FID {point['fid_in_domain']:.2f}", settings.progress)
+        _say(f"generation accuracy {gen['accuracy']:.3f}, FID {gen['fid_in_domain']:.2f} (CFG "
+             f"{gen['guidance_scale']}); captioning held-out images", settings.progress)
         cap = _timed(timings, "captioning", lambda: evaluate_captions(image_model, tokenizer, vae, spec, test,
                                                                       settings, out))
         _say(f"caption accuracy {cap['accuracy']:.3f}, CIDEr {cap['cider']:.3f}; held-out denoising loss",

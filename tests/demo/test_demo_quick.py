@@ -36,6 +36,19 @@ def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
     assert report["training"]["steps"] == 3
     md = (out / "report.md").read_text()
     assert "![loss curves](loss_curves.png)" in md and "eval/generated.png" in md and "eval/captions.png" in md
+    sweep = {p["guidance_scale"]: p for p in ev["generation"]["guidance_sweep"]}
+    assert set(sweep) == {1.0, 2.0} and "| CFG scale |" in md
+    assert sweep[2.0]["accuracy"] == ev["generation"]["accuracy"]
+
+    # A sweep point is what a standalone `megafusion eval` at that scale measures (same prompts and seed).
+    alone = subprocess.run(megafusion_command([
+        "eval", "--model", str(out / "model"), "--vae", str(out / "vae"), "--dataset", "digits", "--cfg", "1",
+        "--images-per-prompt", "2", "--steps", "2", "--caption-images", "4", "--skip-text"]),
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    headline = json.loads(alone.stdout[alone.stdout.index("{"):])
+    assert headline["generation_accuracy"] == sweep[1.0]["accuracy"]
+    assert headline["fid_in_domain"] == pytest.approx(sweep[1.0]["fid_in_domain"], rel=1e-6)
 
     again = _demo(out)
     for step in ("demo VAE", "latents", "training", "export"):
