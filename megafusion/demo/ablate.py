@@ -8,6 +8,7 @@ accuracy. Each arm trains in its own process (a fresh process group and memory p
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -169,10 +170,11 @@ def plot_ablation(rows: list[dict], path: Path) -> Path:
     for ax, (key, label) in zip(axes, panels.items(), strict=True):
         for r in rows:
             marker, colour = styles.get(r["separation"], ("x", "black"))
-            ax.scatter(r["perplexity_change"], r[key], marker=marker, color=colour, s=60, label=r["separation"])
-            ax.annotate(f"{r['lr_ratio']:g}", (r["perplexity_change"], r[key]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
-        ax.set_xlabel("held-out perplexity change vs base (text score; 0 = preserved)")
+            # Log of the perplexity ratio (= held-out loss change): a damaged text path is 1e5x worse, not 20%.
+            x = math.log(r["perplexity"] / r["perplexity_base"])
+            ax.scatter(x, r[key], marker=marker, color=colour, s=60, label=r["separation"])
+            ax.annotate(f"{r['lr_ratio']:g}", (x, r[key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel("held-out text loss change vs base, nats/token (0 = preserved)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
