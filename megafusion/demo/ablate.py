@@ -136,14 +136,14 @@ def _settings_dict(settings: AblationSettings) -> dict:
 
 
 def ablation_markdown(rows: list[dict], settings: AblationSettings) -> str:
+    ev = _eval_kwargs(settings)
     lines = [
         f"# Ablation ({settings.dataset}, {settings.steps} steps per arm)", "",
         "Text score: held-out perplexity change vs the base LM (0 = text untouched) and greedy-output identity.", "",
         "Image scores: generation accuracy and in-domain FID of sampled images; held-out noise-prediction MSE "
         "(lower is better) and the caption gain (MSE with another class's caption minus with the image's own: how "
         "much the image path uses the text), both measured before samples become recognisable. Images are sampled "
-        f"with CFG {_eval_kwargs(settings)['guidance_scale']:g} ({_eval_kwargs(settings)['images_per_prompt']} per "
-        "prompt).", "",
+        f"with CFG {ev['guidance_scale']:g} ({ev['images_per_prompt']} per prompt).", "",
         "| separation | lr_text/lr_img | gen acc | FID (in-domain) | noise MSE | caption gain | caption acc | CIDEr "
         "| perplexity change | greedy = base |",
         "|---|---|---|---|---|---|---|---|---|---|",
