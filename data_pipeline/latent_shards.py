@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from megafusion.data_pipeline.shard_format import INDEX_NAME, shard_name, write_json_atomic, write_shard_file
+from megafusion.common.atomic import write_json_atomic
+from megafusion.data_pipeline.shard_format import INDEX_NAME, shard_name, write_shard_file
 from megafusion.data_pipeline.sources import RawSample, SkipLog, center_crop_resize, image_to_tensor, iter_source
 from megafusion.data_pipeline.vae import load_vae, vae_identity
 

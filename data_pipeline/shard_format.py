@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from megafusion.common.atomic import atomic_file, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,12 @@ def read_index(shard_dir: str | Path) -> dict:
         raise ValueError(f"{path}: invalid JSON ({err})") from err
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def write_shard_file(path: Path, items: Iterable[tuple[str, torch.Tensor, str]]) -> int:
     """Writes (caption, latent, source_key) items as one shard; temp file + rename, so a shard is whole or absent.
     Returns the number of samples written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_tmp(path)  # a killed earlier attempt at this shard
     count = 0
-    with open(tmp, "wb") as fh, TarWriter(fh, encoder=False) as tar:
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh, TarWriter(fh, encoder=False) as tar:
         for caption, latent, source_key in items:
             tar.write({
                 "__key__": f"{count:08d}",
@@ -99,5 +94,4 @@ def write_shard_file(path: Path, items: Iterable[tuple[str, torch.Tensor, str]])
                 META_FIELD: json.dumps({"source_key": source_key}).encode("utf-8"),
             })
             count += 1
-    os.replace(tmp, path)
     return count

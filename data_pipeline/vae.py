@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +17,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
+
+from megafusion.common.atomic import atomic_directory, remove_stale_tmp
 
 from .sources import ImageLoadError, SkipLog, center_crop_resize, image_to_tensor, is_demo, iter_source
 
@@ -56,11 +56,13 @@ def _vae_dir(path: str | Path) -> Path:
     return root
 
 
-def load_vae(path: str | Path) -> AutoencoderKL:
-    """A diffusers AutoencoderKL from a local directory, fp32, in eval mode with gradients off (it stays frozen)."""
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A diffusers AutoencoderKL from a local directory (the sd-vae-ft-mse layout, or a pipeline's `vae/`), in
+    `dtype`, in eval mode with gradients off (it stays frozen). The one VAE loader: latent precomputation,
+    evaluation and `generate` all use it."""
     root = _vae_dir(path)
     try:
-        vae = AutoencoderKL.from_pretrained(root, use_safetensors=True, torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(root, use_safetensors=True, torch_dtype=dtype)
     except Exception as err:  # diffusers raises many types for mismatched configs/weights
         raise ValueError(f"VAE directory {root}: cannot load as AutoencoderKL: {type(err).__name__}: {err}") from err
     vae.eval().requires_grad_(False)
@@ -181,16 +183,10 @@ def _check_replaceable(out: Path) -> None:
 def _save_atomic(vae: AutoencoderKL, out: Path, info: dict) -> None:
     """Write to a sibling temp dir, then swap it in: readers never see a half-written VAE."""
     _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / TRAIN_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_stale_tmp(out)
+    with atomic_directory(out) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / TRAIN_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def train_vae(

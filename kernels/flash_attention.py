@@ -28,7 +28,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _hybrid_tile_mask(offs_m, offs_n, q_doc, q_img, k_doc, k_img, q_len, kv_len, q_offset):
-    """The rule of megafusion.model.hybrid_mask.hybrid_allowed on one tile, plus the sequence bounds."""
+    """The rule of megafusion.kernels.mask_rule.hybrid_allowed on one tile, plus the sequence bounds."""
     same_doc = q_doc[:, None] == k_doc[None, :]
     causal = offs_n[None, :] <= (offs_m + q_offset)[:, None]
     same_img = (q_img[:, None] == k_img[None, :]) & (q_img[:, None] >= 0)

@@ -1,7 +1,7 @@
 """FlexAttention backend for the hybrid mask: pure PyTorch (no Triton needed on CPU), built from the same ids.
 
 * `hybrid_mask_mod` is the one mask_mod: it looks the ids up and applies `hybrid_allowed`, the rule's single
-  definition in megafusion.model.hybrid_mask.
+  definition in megafusion.kernels.mask_rule.
 * The BlockMask comes straight from the TileMap (the id-based skip logic the Triton kernel uses) through
   `BlockMask.from_kv_blocks`, so no S x S mask is materialised (`create_block_mask` would evaluate mask_mod on every
   pair). `flex_layout` bundles both; the caller caches it per batch layout and every layer reuses it.
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from megafusion.kernels.mask_rule import hybrid_allowed
 from megafusion.kernels.tile_map import TileMap, build_tile_map
-from megafusion.model.hybrid_mask import hybrid_allowed
 
 # FlexAttention's sparse block size; its kernels tile inside these blocks on their own.
 FLEX_BLOCK = 128

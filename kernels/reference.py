@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megafusion.model.hybrid_mask import hybrid_allowed
+from megafusion.kernels.mask_rule import hybrid_allowed
 
 
 def dense_hybrid_mask(

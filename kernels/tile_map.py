@@ -1,7 +1,7 @@
 """Which (query tile, key tile) pairs of the hybrid mask hold any allowed pair: the skip logic shared by the Triton
 kernel, the FlexAttention block mask and the benchmark.
 
-The rule (see `megafusion.model.hybrid_mask`) is: same document AND (key index <= query index OR same image).
+The rule (see `megafusion.kernels.mask_rule`) is: same document AND (key index <= query index OR same image).
 Instead of looking at the S x S mask, every tile is summarised by a handful of per-tile reductions of the ids
 (O(S) work): min/max document id, min/max image id over its image tokens, its first/last sequence index, and
 whether it is one complete image. A pair of tiles is then

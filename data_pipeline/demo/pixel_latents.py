@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from megafusion.common.atomic import write_json_atomic
 from megafusion.data_pipeline.demo.digits import _load, digit_caption, split_indices
-from megafusion.data_pipeline.shard_format import INDEX_NAME, shard_name, write_json_atomic, write_shard_file
+from megafusion.data_pipeline.shard_format import INDEX_NAME, shard_name, write_shard_file
 
 LATENT_SHAPE = (1, 8, 8)
 

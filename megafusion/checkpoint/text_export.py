@@ -9,8 +9,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from megafusion.checkpoint.atomic import atomic_directory
 from megafusion.checkpoint.names import text_state_dict
+from megafusion.common.atomic import atomic_directory
 from megafusion.model.fusion import LlamaFusion
 
 TOKENIZER_FILES = (

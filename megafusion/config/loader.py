@@ -6,9 +6,11 @@ nor accepts YAML 1.1's `1e-4` (a string to PyYAML) for float fields, and both ar
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
-from pathlib import Path
+from importlib import resources
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar, Union
 
 import yaml
@@ -17,9 +19,58 @@ from megafusion.config.schema import MegaFusionConfig
 
 T = TypeVar("T")
 
+# The repository's configs/ folder, installed as package data (pyproject.toml maps it to this package).
+PACKAGED_CONFIGS = "megafusion.configs"
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file (or command line) and the dotted key."""
+
+
+def packaged_config_dir() -> Path:
+    """Where the shipped configs are: `configs/` of a checkout (editable install) or of the installed wheel."""
+    root = resources.files(PACKAGED_CONFIGS)
+    # Both installs keep them as plain files; callers (DeepSpeed, subprocesses) need a real path, not a stream.
+    if not isinstance(root, Path):
+        raise ConfigError(f"{PACKAGED_CONFIGS}: packaged configs are not plain files here ({root!r})")
+    return root
+
+
+def packaged_configs() -> list[str]:
+    """The names `--config NAME` accepts: every shipped run YAML without `.yaml` (e.g. `demo-digits`)."""
+    return sorted(p.stem for p in packaged_config_dir().glob("*.yaml"))
+
+
+def packaged_deepspeed_configs() -> list[str]:
+    """The shipped DeepSpeed templates as `train.deepspeed_config` accepts them (e.g. `deepspeed/zero3.json`)."""
+    root = packaged_config_dir()
+    return sorted(p.relative_to(root).as_posix() for p in (root / "deepspeed").glob("*.json"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """The config file `name_or_path` names: the file itself when it exists, else a packaged config.
+
+    Packaged ones are found by name (`demo-digits`, `demo-digits.yaml`, `deepspeed/zero3.json`) or by their
+    path in a checkout (`configs/tiny-cpu.yaml`, `configs/deepspeed/zero3.json`), so the commands in the README
+    work from any directory with an installed wheel. A file in the working directory wins over a packaged one.
+    Raises ConfigError listing the packaged names."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    rel = PurePosixPath(os.fspath(name_or_path).replace(os.sep, "/"))
+    if rel.parts[:1] == ("configs",):
+        rel = PurePosixPath(*rel.parts[1:])
+    if rel.parts and not rel.is_absolute() and ".." not in rel.parts:
+        root = packaged_config_dir()
+        candidates = [rel] if rel.suffix in CONFIG_SUFFIXES else [rel, rel.with_name(rel.name + ".yaml")]
+        for candidate in candidates:
+            if (root / candidate).is_file():
+                return root / candidate
+    raise ConfigError(
+        f"{os.fspath(name_or_path)}: no such config file, and not a packaged config; packaged: "
+        f"{', '.join(packaged_configs())} (run configs), {', '.join(packaged_deepspeed_configs())} (DeepSpeed)"
+    )
 
 
 def _describe(value: Any) -> str:
@@ -150,13 +201,15 @@ def load_config(
     overrides: dict[str, Any] | list[str] | None = None,
     root: type[T] = MegaFusionConfig,
 ) -> T:
-    """Load and validate a config; raises ConfigError naming the file and dotted key on any problem."""
+    """Load and validate a config (a YAML path or a packaged name, see resolve_config_path); raises ConfigError
+    naming the file and dotted key on any problem."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
+        path = resolve_config_path(path)
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = path.read_text()
         except OSError as err:
             raise ConfigError(f"{source}: cannot read config file: {err.strerror}") from err
         try:

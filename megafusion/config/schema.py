@@ -6,8 +6,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Separation = Literal["deep", "ffn", "none"]
-SEPARATIONS: tuple[str, ...] = ("deep", "ffn", "none")
+from megafusion.model.args import (
+    ATTENTION_CHOICES,
+    BETA_SCHEDULES,
+    PREDICTION_TYPES,
+    SEPARATIONS,
+    AttentionChoice,
+    BetaSchedule,
+    DiffusionArgs,
+    ImageConfig,
+    PredictionType,
+    RoutingChoice,
+    Separation,
+    UNetConfig,
+)
+
+__all__ = [
+    "ATTENTION_CHOICES", "SEPARATIONS", "DataConfig", "DiffusionConfig", "ImageConfig", "MegaFusionConfig",
+    "ModelConfig", "OptimConfig", "TrainConfig", "UNetConfig",
+]
 
 
 def _require(ok: bool, message: str) -> None:
@@ -23,65 +40,19 @@ class ModelConfig:
     # How the shared attention is computed (same function, different kernels): sdpa (reference: dense boolean
     # mask), flex (FlexAttention from per-token ids; CPU inference, or where Triton is absent), triton (hybrid-mask
     # FlashAttention, CUDA), auto (triton on CUDA when importable, else sdpa).
-    attention: Literal["sdpa", "flex", "triton", "auto"] = "sdpa"
+    attention: AttentionChoice = "sdpa"
     # How routed projections run: index (reference: one matmul per modality slice), triton (one grouped-GEMM
     # launch over [text | image] rows; CUDA; not with DeepSpeed ZeRO-3), auto (triton on CUDA when importable).
-    routing: Literal["index", "triton", "auto"] = "index"
-
-
-@dataclass
-class ImageConfig:
-    """Shape of the VAE latents and how they become transformer tokens (paper: 32x32x8 -> 256 tokens)."""
-
-    latent_channels: int = 8
-    latent_size: int = 32
-    patch_size: int = 2
-
-    def __post_init__(self) -> None:
-        _require(self.latent_channels > 0, f"latent_channels: must be positive, got {self.latent_channels}")
-        _require(self.latent_size > 0, f"latent_size: must be positive, got {self.latent_size}")
-        _require(self.patch_size > 0, f"patch_size: must be positive, got {self.patch_size}")
-        _require(
-            self.latent_size % self.patch_size == 0,
-            f"patch_size: {self.patch_size} must divide latent_size {self.latent_size}",
-        )
-
-    @property
-    def grid_size(self) -> int:
-        return self.latent_size // self.patch_size
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid_size**2
-
-
-@dataclass
-class UNetConfig:
-    """U-Net down/up samplers between latents and image tokens (paper: 2 blocks each)."""
-
-    channels: int = 256
-    num_blocks: int = 2
-    norm_groups: int = 32
-    time_embed_dim: int = 512
-
-    def __post_init__(self) -> None:
-        _require(self.channels > 0, f"channels: must be positive, got {self.channels}")
-        _require(self.num_blocks >= 1, f"num_blocks: must be at least 1, got {self.num_blocks}")
-        _require(
-            self.norm_groups > 0 and self.channels % self.norm_groups == 0,
-            f"norm_groups: {self.norm_groups} must divide channels {self.channels}",
-        )
-        _require(
-            self.time_embed_dim > 0 and self.time_embed_dim % 2 == 0,
-            f"time_embed_dim: must be a positive even number, got {self.time_embed_dim}",
-        )
+    routing: RoutingChoice = "index"
 
 
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
-    # Cosine schedule of Nichol & Dhariwal, named as in diffusers.
-    beta_schedule: Literal["squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    # Named as in diffusers: squaredcos_cap_v2 (the paper's cosine schedule, Nichol & Dhariwal) or linear.
+    beta_schedule: BetaSchedule = "squaredcos_cap_v2"
+    # What the U-Net up predicts (the paper: the noise).
+    prediction_type: PredictionType = "epsilon"
     # lambda in L = L_LM + lambda * L_DDPM; the paper does not print it, Transfusion uses 5.
     loss_weight: float = 5.0
     # Highest timestep for an image that precedes its caption, so the caption can still read it.
@@ -89,12 +60,20 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_train_timesteps > 1, f"num_train_timesteps: must be > 1, got {self.num_train_timesteps}")
+        _require(self.beta_schedule in BETA_SCHEDULES,
+                 f"beta_schedule: must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        _require(self.prediction_type in PREDICTION_TYPES,
+                 f"prediction_type: must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         _require(self.loss_weight >= 0, f"loss_weight: must be >= 0, got {self.loss_weight}")
         _require(
             0 <= self.image_first_max_timestep < self.num_train_timesteps,
             f"image_first_max_timestep: must be in [0, {self.num_train_timesteps}), "
             f"got {self.image_first_max_timestep}",
         )
+
+    def args(self) -> DiffusionArgs:
+        """The part a trained model carries (saved in its fusion_config.json)."""
+        return DiffusionArgs(self.num_train_timesteps, self.beta_schedule, self.prediction_type)
 
 
 @dataclass

@@ -2,37 +2,23 @@
 
 Every step writes into the output directory and is skipped on a rerun when its result is already there
 (VAE directory, shard index, a checkpoint at the last step, the exported model), so an interrupted demo
-continues where it stopped (training itself resumes from its last checkpoint)."""
+continues where it stopped (training itself resumes from its last checkpoint). The data steps live in
+`data_prep` and the run bookkeeping in `runs`, both shared with the ablation."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megafusion.demo.data_prep import VaeSettings, claim_out_dir, prepare_demo_data
+from megafusion.demo.runs import drop_if_stale, export_ready, export_run, trained_step
+
 if TYPE_CHECKING:
     from megafusion.config.schema import MegaFusionConfig
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-EXPORT_MARKER = "exported_from.json"
-DEMO_MARKER = "demo.json"
-RUN_MARKER = "trained_on.json"
-
-
-@dataclass
-class VaeSettings:
-    """The demo VAE (data_pipeline.vae.train_vae's defaults): 32 px -> 4x8x8 latents in about 1.5 min on CPU."""
-
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 2e-3
-    block_out_channels: tuple[int, ...] = (16, 32, 32)
-    norm_num_groups: int = 8
 
 
 # CFG for the demo's headline generation numbers. After ~14k documents the caption moves the predicted noise only
@@ -47,8 +33,9 @@ DEMO_EVAL: dict[str, Any] = {"guidance_scale": DEMO_GUIDANCE, "guidance_sweep": 
 class DemoSettings:
     dataset: str = "digits"
     out: Path = Path("outputs/demo")
-    # YAML of the LlamaFusion run (default: configs/demo-<dataset>.yaml) and --section.key=value overrides.
-    config: Path | None = None
+    # The LlamaFusion run's YAML, a path or a packaged name (default: the packaged demo-<dataset>), and
+    # --section.key=value overrides.
+    config: str | Path | None = None
     overrides: list[str] = field(default_factory=list)
     resolution: int = 32
     vae: VaeSettings = field(default_factory=VaeSettings)
@@ -99,80 +86,13 @@ class StepLog:
 
 
 def demo_config(settings: DemoSettings) -> tuple[MegaFusionConfig, Path]:
-    from megafusion.config import load_config
+    """The run config with the demo's shard and run directories filled in, and the YAML file it came from."""
+    from megafusion.config.loader import load_config, resolve_config_path
 
-    path = settings.config or REPO_CONFIGS / f"demo-{settings.dataset}.yaml"
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: demo config not found (pass --config)")
+    path = resolve_config_path(settings.config or f"demo-{settings.dataset}")
     out = settings.out.resolve()
     overrides = [f"--data.shards={out / 'shards'}", f"--train.output_dir={out / 'run'}", *settings.overrides]
-    return load_config(path, overrides), Path(path)
-
-
-def _claim_out_dir(out: Path, dataset: str) -> None:
-    """One output directory holds one dataset's demo: its reusable steps would silently mix otherwise."""
-    marker = out / DEMO_MARKER
-    if marker.is_file():
-        found = json.loads(marker.read_text()).get("dataset")
-        if found != dataset:
-            raise ValueError(f"{out}: holds the {found!r} demo; pass another --out for {dataset!r}")
-    else:
-        marker.write_text(json.dumps({"dataset": dataset}) + "\n")
-
-
-def _vae_ready(vae_dir: Path, channels: int, resolution: int) -> bool:
-    config = vae_dir / "config.json"
-    if not (config.is_file() and (vae_dir / "diffusion_pytorch_model.safetensors").is_file()):
-        return False
-    found = json.loads(config.read_text())
-    if found.get("latent_channels") != channels or found.get("sample_size") != resolution:
-        raise ValueError(f"{vae_dir}: a VAE with {found.get('latent_channels')} latent channels at "
-                         f"{found.get('sample_size')} px is in the way (need {channels} at {resolution} px); "
-                         "delete it or use another --out")
-    return True
-
-
-def _shards_ready(shards: Path, vae_dir: Path) -> bool:
-    from megafusion.data_pipeline.vae import vae_identity
-
-    index = shards / "index.json"
-    if not index.is_file():
-        return False
-    recorded = json.loads(index.read_text()).get("vae") or {}
-    if recorded.get("weights_sha256") != vae_identity(vae_dir)["weights_sha256"]:
-        shutil.rmtree(shards)  # made with another VAE: those latents mean nothing to the new one
-        return False
-    return True
-
-
-def _trained_step(run_dir: Path) -> int:
-    from megafusion.training.checkpointing import CheckpointManager
-
-    tag = CheckpointManager(run_dir / "checkpoints", 1, {}, 0, 1).latest_tag()
-    return int(tag.split("-")[-1]) if tag else 0
-
-
-def _export_ready(model_dir: Path, run_dir: Path) -> bool:
-    marker = model_dir / EXPORT_MARKER
-    if not (marker.is_file() and (model_dir / "fusion_config.json").is_file()):
-        return False
-    return json.loads(marker.read_text()).get("step") == _trained_step(run_dir)
-
-
-def _drop_if_stale(run_dir: Path, model_dir: Path, vae_dir: Path, progress: bool) -> None:
-    """A run (and its export) trained on another VAE's latents is useless with this one: remove both, and record
-    which VAE the run about to start uses."""
-    from megafusion.data_pipeline.vae import vae_identity
-
-    marker = run_dir / RUN_MARKER
-    vae_sha = vae_identity(vae_dir)["weights_sha256"]
-    if marker.is_file() and json.loads(marker.read_text()).get("vae_sha256") != vae_sha:
-        if progress:
-            print(f"[demo] {run_dir} was trained on another VAE's latents: training again", flush=True)
-        shutil.rmtree(run_dir)
-        shutil.rmtree(model_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"vae_sha256": vae_sha}) + "\n")
+    return load_config(path, overrides), path
 
 
 def _train(cfg: MegaFusionConfig) -> None:
@@ -182,13 +102,6 @@ def _train(cfg: MegaFusionConfig) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train(cfg, progress=True)
-
-
-def _export(run_dir: Path, model_dir: Path) -> None:
-    from megafusion.training.export import export_checkpoint
-
-    export_checkpoint(run_dir, model_dir)
-    (model_dir / EXPORT_MARKER).write_text(json.dumps({"run": str(run_dir), "step": _trained_step(run_dir)}) + "\n")
 
 
 def _busy_cores(seconds: float = 1.0) -> float:
@@ -234,51 +147,34 @@ def run_demo(settings: DemoSettings) -> dict:
         print(f"[demo] {threads} torch thread(s) (1-minute load average {os.getloadavg()[0]:.1f}; --threads to set)",
               flush=True)
     from megafusion.checkpoint.builtin_bases import resolve_base
-    from megafusion.data_pipeline.latent_shards import precompute_latents
-    from megafusion.data_pipeline.vae import train_vae
     from megafusion.demo.report import write_report
     from megafusion.eval.run import EvalSettings, evaluate
 
     start = time.monotonic()
     load_at_start = round(os.getloadavg()[0], 2)
     out = settings.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    _claim_out_dir(out, settings.dataset)
+    claim_out_dir(out, settings.dataset)
     cfg, config_path = demo_config(settings)
-    source = f"demo:{settings.dataset}"
-    vae_dir, shards, run_dir, model_dir = out / "vae", out / "shards", out / "run", out / "model"
+    run_dir, model_dir = out / "run", out / "model"
     max_steps = cfg.train.max_steps or cfg.optim.total_steps
     steps = StepLog(6, settings.progress)
 
     base = steps.run("base", False, lambda: resolve_base(cfg.model.base), f"base LM {cfg.model.base}")
-    vae_info = steps.run(
-        "vae", _vae_ready(vae_dir, cfg.image.latent_channels, settings.resolution),
-        lambda: _vae_ready(vae_dir, cfg.image.latent_channels, settings.resolution) or train_vae(
-            source, vae_dir, settings.resolution, cfg.image.latent_channels, settings.vae.steps,
-            settings.vae.batch_size, settings.vae.lr, progress=settings.progress,
-            block_out_channels=settings.vae.block_out_channels, norm_num_groups=settings.vae.norm_num_groups),
-        f"{settings.dataset} dataset + demo VAE -> {vae_dir}",
-    )
-    steps.run(
-        "latents", _shards_ready(shards, vae_dir),
-        lambda: _shards_ready(shards, vae_dir) or precompute_latents(
-            vae_dir, source, shards, resolution=settings.resolution, batch_size=128, shard_size=256,
-            progress=settings.progress),
-        f"VAE latents of the train split -> {shards}",
-    )
-    _drop_if_stale(run_dir, model_dir, vae_dir, settings.progress)
-    trained = _trained_step(run_dir) >= max_steps
+    data = prepare_demo_data(out, settings.dataset, latent_channels=cfg.image.latent_channels,
+                             resolution=settings.resolution, vae=settings.vae, progress=settings.progress,
+                             run_step=steps.run)
+    vae_dir = data.vae_dir
+    drop_if_stale(run_dir, model_dir, vae_dir, settings.progress)
+    trained = trained_step(run_dir) >= max_steps
     steps.run("train", trained, lambda: trained or _train(cfg),
               f"LlamaFusion training ({cfg.model.separation} separation, lr_text={cfg.optim.lr_text}, "
               f"{max_steps} steps) -> {run_dir}")
-    steps.run("export", _export_ready(model_dir, run_dir),
-              lambda: _export_ready(model_dir, run_dir) or _export(run_dir, model_dir),
+    steps.run("export", export_ready(model_dir, run_dir),
+              lambda: export_ready(model_dir, run_dir) or export_run(run_dir, model_dir),
               f"export -> {model_dir}")
     eval_settings = EvalSettings(progress=settings.progress, **settings.eval)
     results = steps.run("eval", False, lambda: evaluate(model_dir, vae_dir, settings.dataset, out / "eval",
                                                         eval_settings), "evaluation")
-    vae_train = json.loads((vae_dir / "train_vae.json").read_text()) if (vae_dir / "train_vae.json").is_file() \
-        else (vae_info if isinstance(vae_info, dict) else {})
     context = {
         "dataset": settings.dataset,
         "out": str(out),
@@ -286,7 +182,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "config_file": str(config_path),
         "overrides": settings.overrides,
         "vae_settings": asdict(settings.vae),
-        "vae_training": {k: v for k, v in vae_train.items() if k != "skipped"},
+        "vae_training": {k: v for k, v in data.vae_training.items() if k != "skipped"},
         "torch_threads": threads,
         "load_average_at_start": load_at_start,
         "steps_seconds": steps.seconds,

@@ -1,7 +1,8 @@
-"""The DDPM forward process with the cosine schedule (Nichol & Dhariwal 2021), T = 1000.
+"""The DDPM forward process: the cosine schedule (Nichol & Dhariwal 2021, the paper's) or the linear one of Ho et
+al., T = 1000 by default.
 
 Written out (a few lines) rather than borrowing diffusers' scheduler so the training path owns its numbers;
-the tests check them against diffusers' DDPMScheduler(beta_schedule="squaredcos_cap_v2")."""
+the tests check them against diffusers' DDPMScheduler with the same beta_schedule name."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 
 import torch
 
-from megafusion.config.schema import DiffusionConfig
+from megafusion.model.args import DiffusionArgs
 
 
 def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -23,11 +24,27 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     return torch.tensor(betas, dtype=torch.float64)
 
 
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020's schedule, as diffusers' `linear` (defaults of DDPMScheduler)."""
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+BETA_FUNCTIONS = {"squaredcos_cap_v2": cosine_betas, "linear": linear_betas}
+
+
 class DDPMSchedule:
-    def __init__(self, config: DiffusionConfig | None = None) -> None:
-        self.config = config or DiffusionConfig()
-        self.num_timesteps = self.config.num_train_timesteps
-        self.betas = cosine_betas(self.num_timesteps)
+    def __init__(self, config: DiffusionArgs | None = None, image_first_max_timestep: int | None = None) -> None:
+        """config: anything with num_train_timesteps and beta_schedule (DiffusionArgs, or the run config's
+        DiffusionConfig, whose image_first_max_timestep is used unless given here)."""
+        config = config or DiffusionArgs()
+        self.num_timesteps = config.num_train_timesteps
+        self.beta_schedule = config.beta_schedule
+        if self.beta_schedule not in BETA_FUNCTIONS:
+            raise ValueError(f"beta_schedule: must be one of {sorted(BETA_FUNCTIONS)}, got {self.beta_schedule!r}")
+        if image_first_max_timestep is None:
+            image_first_max_timestep = getattr(config, "image_first_max_timestep", self.num_timesteps - 1)
+        self.image_first_max_timestep = image_first_max_timestep
+        self.betas = BETA_FUNCTIONS[self.beta_schedule](self.num_timesteps)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -48,7 +65,7 @@ class DDPMSchedule:
         u = torch.rand(n, generator=generator, device=device)
         high = torch.where(
             image_first.reshape(-1).bool(),
-            torch.tensor(self.config.image_first_max_timestep + 1, device=device),
+            torch.tensor(self.image_first_max_timestep + 1, device=device),
             torch.tensor(self.num_timesteps, device=device),
         )
         return (u * high).long().clamp(max=self.num_timesteps - 1)

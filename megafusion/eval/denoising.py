@@ -44,10 +44,21 @@ def _noise_mse(model: LlamaFusion, prefixes: list[list[int]], noisy: torch.Tenso
     return total / len(prefixes)
 
 
+def default_timesteps(num_timesteps: int) -> tuple[int, ...]:
+    """10%, 30%, ..., 90% of the way through the noise process (100, 300, ..., 900 for T = 1000)."""
+    return tuple(round(f * num_timesteps) for f in (0.1, 0.3, 0.5, 0.7, 0.9))
+
+
 def heldout_denoising(model: LlamaFusion, tokenizer: TextTokenizer, latents: torch.Tensor, captions: Sequence[str],
-                      labels: Sequence[Hashable], schedule: DDPMSchedule,
-                      timesteps: Sequence[int] = (100, 300, 500, 700, 900), seed: int = 0, batch: int = 50) -> dict:
-    """Mean noise-prediction MSE over `latents` x `timesteps` with own / other / no caption."""
+                      labels: Sequence[Hashable], schedule: DDPMSchedule, timesteps: Sequence[int] | None = None,
+                      seed: int = 0, batch: int = 50) -> dict:
+    """Mean noise-prediction MSE over `latents` x `timesteps` (default: spread over the schedule's T) with own /
+    other / no caption. `schedule` must be the model's training schedule (`DDPMSchedule(model.diffusion_args)`)."""
+    if timesteps is None:
+        timesteps = default_timesteps(schedule.num_timesteps)
+    bad = [int(t) for t in timesteps if not 0 <= int(t) < schedule.num_timesteps]
+    if bad:
+        raise ValueError(f"timesteps {bad} are outside the schedule's [0, {schedule.num_timesteps})")
     dtype = model.embed_tokens.weight.dtype
     generator = torch.Generator().manual_seed(seed)
     prefix = list(tokenizer.prefix_ids)

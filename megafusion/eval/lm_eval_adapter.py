@@ -21,10 +21,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from megafusion.data_pipeline.tokenizer import load_tokenizer
 from megafusion.inference.sampling import SamplingConfig
 from megafusion.inference.text import generate_tokens
-from megafusion.inference.tokens import stop_token_ids
+from megafusion.inference.tokens import stop_token_ids, tokenizer_for
 from megafusion.model import LlamaFusion
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -45,8 +44,10 @@ class MegaFusionLM(LM):
                  max_batch_size: int | None = None, **_: object) -> None:
         super().__init__()
         self.model = load_model(pretrained, getattr(torch, dtype)).to(device)
-        base = Path(tokenizer or self.model.base_path or pretrained)
-        self.tok = load_tokenizer(base if base.is_dir() else base.parent)
+        base = tokenizer or self.model.base_path or pretrained
+        # The training tokenizer (checked against the model's document_prefix); the text path never sees images,
+        # so the model's diffusion settings play no part here.
+        self.tok = tokenizer_for(self.model, base)
         self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else 8  # "auto" is not supported
         self.max_length = int(max_length or self.model.arch.max_position_embeddings)
         self.device_name = device
@@ -55,7 +56,7 @@ class MegaFusionLM(LM):
         if prefix is None:
             raise ValueError(f"{base}: the tokenizer has neither BOS nor EOS to condition an empty context on")
         self.prefix_token_id = int(prefix)
-        self.stop_ids = stop_token_ids(self.model) | ({self.tok.eos_id} if self.tok.eos_id is not None else set())
+        self.stop_ids = stop_token_ids(self.model, self.tok)
 
     # ------------------------------------------------------------------ scoring
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

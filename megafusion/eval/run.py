@@ -187,7 +187,7 @@ def evaluate_text(model: LlamaFusion, tokenizer: TextTokenizer, base: Path, sett
 
     base_lm = load_base_lm(base)
     texts = PROMPTS[: settings.num_text_prompts]
-    identity = text_identity(model, base_lm, tokenizer, [prompt_ids(base, tokenizer, p) for p in texts],
+    identity = text_identity(model, base_lm, tokenizer, [prompt_ids(tokenizer, p) for p in texts],
                              settings.text_max_new_tokens)
     for row, text in zip(identity["prompts"], texts, strict=True):
         row["prompt"] = text  # the user's words, not the whole chat-template rendering
@@ -206,7 +206,7 @@ def evaluate_denoising(model: LlamaFusion, tokenizer: TextTokenizer, vae: Autoen
 
     held = balanced_subset(spec, test, settings.num_denoising_images)
     latents = _encode(vae, [s.image for s in held], model.image_config.latent_size)
-    schedule = DDPMSchedule()  # the default T and cosine schedule, as the samplers assume
+    schedule = DDPMSchedule(model.diffusion_args)  # the noise process the model was trained with
     return heldout_denoising(model, tokenizer, latents, [s.caption for s in held],
                              [spec.class_label(s) for s in held], schedule, seed=settings.seed)
 
@@ -239,10 +239,10 @@ def evaluate(model_dir: str | Path, vae_dir: str | Path, dataset: str, out_dir: 
              settings: EvalSettings | None = None, base: str | Path | None = None) -> dict:
     """The whole evaluation. `base` overrides the base LM recorded in the model (for the text checks and the
     tokenizer)."""
-    from megafusion.data_pipeline.tokenizer import load_tokenizer
     from megafusion.data_pipeline.vae import load_vae
     from megafusion.eval.datasets import balanced_subset, get_dataset, train_in_domain_classifier
     from megafusion.eval.fid import feature_fid, inception_fid_status
+    from megafusion.inference.tokens import tokenizer_for
     from megafusion.model import LlamaFusion
 
     settings = settings or EvalSettings()
@@ -255,7 +255,7 @@ def evaluate(model_dir: str | Path, vae_dir: str | Path, dataset: str, out_dir: 
     base_path = Path(base or model.base_path or "")
     if not base_path.exists():
         raise FileNotFoundError(f"base model {base_path}: not found (pass --base)")
-    tokenizer = load_tokenizer(base_path if base_path.is_dir() else base_path.parent)
+    tokenizer = tokenizer_for(model, base_path)  # an error if it does not start documents as in training
     vae = load_vae(vae_dir)
 
     _say(f"training the in-domain classifier on real {dataset} train images", settings.progress)

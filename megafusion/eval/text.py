@@ -36,18 +36,11 @@ def load_base_lm(base: str | Path) -> LlamaForCausalLM:
     return model.eval()
 
 
-def prompt_ids(base: str | Path, tokenizer: TextTokenizer, text: str) -> list[int]:
+def prompt_ids(tokenizer: TextTokenizer, text: str) -> list[int]:
     """A user prompt as the base model expects it: through its chat template when it has one (SmolLM2-Instruct
     answers properly then), else BOS + plain encoding."""
-    base = Path(base)
-    if (base / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        from megafusion.inference.tokens import encode_prompt
-
-        hf = AutoTokenizer.from_pretrained(base)
-        if getattr(hf, "chat_template", None):
-            return encode_prompt(hf, text, chat=True)
+    if tokenizer.chat_template is not None:
+        return tokenizer.encode_chat(text)
     return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
 
 
@@ -86,7 +79,7 @@ def text_identity(model: LlamaFusion, base_lm: LlamaForCausalLM, tokenizer: Text
     """Greedy continuations of each prompt by the fused model and by the base LM, and the per-token
     log-likelihoods of prompt + base continuation under both. `identical` needs equal greedy ids everywhere
     and log-likelihoods within `tolerance`."""
-    stop = stop_token_ids(model) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+    stop = stop_token_ids(model, tokenizer)
     decode = decode or tokenizer.decode
     rows, max_diff, greedy_same = [], 0.0, True
     for ids in prompts:

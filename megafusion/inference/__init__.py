@@ -1,9 +1,11 @@
 """Inference: text generation with a KV cache, image generation, captioning, interleaving, editing.
 
 Modules (one job each): `sequence` (rows -> cached prefill), `sampling` (next-token choice), `tokens`
-(tokenizer, prompts, stop ids), `text`, `denoise` (schedulers, CFG, the cached denoising loop),
-`text_to_image`, `caption`, `interleave`, `edit`, `edit_data` (training format for edit triplets),
-`images` (VAE, PNG, grid), `cli`.
+(the model's tokenizer, prompts, stop ids), `text`, `denoise` (schedulers from the model's diffusion settings,
+CFG, the cached denoising loop), `text_to_image`, `caption`, `interleave`, `edit`, `images` (latents <-> PIL
+images, PNG, grid), `cli`. The tokenizer and VAE loaders are the data pipeline's
+(`megafusion.data_pipeline.tokenizer.load_tokenizer`, `megafusion.data_pipeline.vae.load_vae`); the edit
+training format is `megafusion.training.edit_objective`.
 
 Names are imported lazily so `megafusion --help` does not load torch, transformers and diffusers.
 """
@@ -28,12 +30,7 @@ _EXPORTS = {
     "InterleavedOutput": "interleave",
     "generate_interleaved": "interleave",
     "edit_images": "edit",
-    "EditTriplet": "edit_data",
-    "build_edit_example": "edit_data",
-    "collate_edit_examples": "edit_data",
-    "edit_diffusion_loss": "edit_data",
-    "load_tokenizer": "tokens",
-    "load_vae": "images",
+    "tokenizer_for": "tokens",
     "decode_latents": "images",
     "encode_images": "images",
     "save_images": "images",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from megafusion.data_pipeline.tokenizer import TextTokenizer
 from megafusion.inference.images import check_latents
 from megafusion.inference.sampling import SamplingConfig
 from megafusion.inference.sequence import Item, prefill
 from megafusion.inference.text import continue_text
-from megafusion.inference.tokens import stop_token_ids
+from megafusion.inference.tokens import encode_texts, stop_token_ids
 from megafusion.model import LlamaFusion
 
 
@@ -23,15 +23,15 @@ def caption_rows(model: LlamaFusion, latents: torch.Tensor, prompt_ids: list[int
 @torch.no_grad()
 def caption_images(
     model: LlamaFusion,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TextTokenizer,
     latents: torch.Tensor,
     prompt: str | None = None,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
 ) -> list[str]:
     """Captions for (N, C, H, W) clean latents; greedy by default. `prompt` is plain text placed before the image
-    (it gets the tokenizer's own special tokens, e.g. BOS)."""
-    prompt_ids = list(tokenizer(prompt if prompt is not None else "")["input_ids"])
+    (after the tokenizer's document prefix, e.g. BOS, as every training document starts)."""
+    (prompt_ids,) = encode_texts(tokenizer, [prompt if prompt is not None else ""])
     step = prefill(model, caption_rows(model, latents, prompt_ids))
     ids, _ = continue_text(model, step, sampling or SamplingConfig(max_new_tokens=32),
                            stop_token_ids(model, tokenizer), generator)

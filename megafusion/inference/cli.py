@@ -17,7 +17,8 @@ def _model_args(p: argparse.ArgumentParser, allow_base: bool = False) -> None:
     src.add_argument("--model", help="directory written by LlamaFusion.save_pretrained")
     if allow_base:
         src.add_argument("--base", help="plain HF Llama directory or .gguf file (text generation only)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's base checkpoint)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory, tokenizer file or .gguf (default: the model's base checkpoint)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=None, help="seed of every random draw (sampling, noise)")
@@ -34,8 +35,11 @@ def _image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--cfg", type=float, default=1.55, help="classifier-free guidance scale (paper: 1.55)")
     p.add_argument("--no-cfg", action="store_true", help="no unconditional branch")
-    p.add_argument("--config", default=None, help="training YAML; its diffusion.num_train_timesteps is used")
-    p.add_argument("--num-train-timesteps", type=int, default=None, help="default: --config's, else 1000")
+    # The noise process comes from the model (fusion_config.json); these only assert what the caller expects.
+    p.add_argument("--config", default=None,
+                   help="training YAML; its diffusion section must agree with the model's (checked, else an error)")
+    p.add_argument("--num-train-timesteps", type=int, default=None,
+                   help="must equal the model's recorded num_train_timesteps (checked, else an error)")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL directory; without it latents are saved")
     p.add_argument("--out", default="generated", help="output directory")
 
@@ -89,7 +93,7 @@ def add_generate_parser(sub: Any) -> None:
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
-    from megafusion.inference.tokens import load_tokenizer
+    from megafusion.inference.tokens import tokenizer_for
     from megafusion.model import LlamaFusion
 
     dtype = getattr(torch, args.dtype)
@@ -98,7 +102,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     else:
         model = LlamaFusion.from_pretrained(args.model, dtype=dtype)
     model = model.to(args.device).eval()
-    return model, load_tokenizer(model, args.tokenizer)
+    if hasattr(args, "num_train_timesteps"):  # the image modes: fail before any tokenizer, VAE or sampling work
+        check_diffusion_options(args, model)
+    return model, tokenizer_for(model, args.tokenizer)
 
 
 def _generator(args: argparse.Namespace) -> Any:
@@ -113,21 +119,42 @@ def _sampling(args: argparse.Namespace) -> Any:
     return SamplingConfig(args.max_new_tokens, args.temperature, args.top_p)
 
 
+def check_diffusion_options(args: argparse.Namespace, model: Any) -> None:
+    """--num-train-timesteps and --config's diffusion section may only repeat what the model was trained with
+    (`model.diffusion_args`, from fusion_config.json): sampling with another noise process gives wrong images
+    without a word, so a contradiction stops with both values."""
+    from dataclasses import fields
+
+    trained = model.diffusion_args
+    source = args.model
+    if args.num_train_timesteps is not None and args.num_train_timesteps != trained.num_train_timesteps:
+        raise ValueError(
+            f"--num-train-timesteps {args.num_train_timesteps} contradicts the model {source}, trained with "
+            f"num_train_timesteps {trained.num_train_timesteps} (fusion_config.json); drop the option"
+        )
+    if args.config is not None:
+        from megafusion.config import load_config
+
+        given = load_config(args.config).diffusion.args()
+        for f in fields(trained):
+            ours, theirs = getattr(given, f.name), getattr(trained, f.name)
+            if ours != theirs:
+                raise ValueError(
+                    f"--config {args.config}: diffusion.{f.name} is {ours!r} but the model {source} was trained "
+                    f"with {f.name} {theirs!r} (fusion_config.json)"
+                )
+
+
 def _image_config(args: argparse.Namespace) -> Any:
     from megafusion.inference.text_to_image import ImageSamplingConfig
 
-    timesteps = args.num_train_timesteps
-    if timesteps is None and args.config is not None:
-        from megafusion.config import load_config
-
-        timesteps = load_config(args.config).diffusion.num_train_timesteps
-    return ImageSamplingConfig(args.sampler, args.steps, None if args.no_cfg else args.cfg, timesteps or 1000)
+    return ImageSamplingConfig(args.sampler, args.steps, None if args.no_cfg else args.cfg)
 
 
 def _vae(args: argparse.Namespace, model: Any) -> Any:
     if not getattr(args, "vae", None):
         return None
-    from megafusion.inference.images import load_vae
+    from megafusion.data_pipeline.vae import load_vae
 
     return load_vae(args.vae, model.embed_tokens.weight.dtype).to(args.device)
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from megafusion.inference.sequence import image_chunk
 from megafusion.model import KVCache, LlamaFusion
+from megafusion.model.args import DiffusionArgs
 
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
@@ -25,19 +26,22 @@ Generators = torch.Generator | list[torch.Generator] | None
 
 
 def make_scheduler(
-    sampler: SamplerName = "ddim", num_steps: int = 50, num_train_timesteps: int = 1000
+    sampler: SamplerName = "ddim", num_steps: int = 50, diffusion: DiffusionArgs | None = None
 ) -> DDPMScheduler | DDIMScheduler:
-    """diffusers' scheduler with the training schedule (cosine, T steps), set to `num_steps` inference steps.
+    """diffusers' scheduler with the training noise process (`diffusion`: a model's `diffusion_args`; default
+    the paper's cosine schedule, T = 1000), set to `num_steps` inference steps.
     clip_sample is off: the x0 estimate is a scaled VAE latent, not a [-1, 1] image."""
+    diffusion = diffusion or DiffusionArgs()
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if num_steps < 1 or num_steps > num_train_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    if num_steps < 1 or num_steps > diffusion.num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {diffusion.num_train_timesteps}], got {num_steps}")
     cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    # diffusers' linear betas default to 1e-4 ... 0.02, the same as the training schedule's (diffusion/schedule.py).
     scheduler = cls(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
+        num_train_timesteps=diffusion.num_train_timesteps,
+        beta_schedule=diffusion.beta_schedule,
+        prediction_type=diffusion.prediction_type,
         clip_sample=False,
     )
     scheduler.set_timesteps(num_steps)

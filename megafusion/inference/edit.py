@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKL
-from transformers import PreTrainedTokenizerBase
 
+from megafusion.data_pipeline.tokenizer import TextTokenizer
 from megafusion.inference.denoise import Generators
 from megafusion.inference.images import check_latents, decode_latents
 from megafusion.inference.sequence import Item
@@ -27,7 +27,7 @@ def edit_prefix(
 @torch.no_grad()
 def edit_images(
     model: LlamaFusion,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TextTokenizer,
     sources: torch.Tensor,
     instructions: str | Sequence[str],
     config: ImageSamplingConfig | None = None,
@@ -45,10 +45,10 @@ def edit_images(
         instructions = [instructions] * sources.shape[0]
     if len(instructions) != sources.shape[0]:
         raise ValueError(f"got {len(instructions)} instructions for {sources.shape[0]} source images")
-    lead = list(tokenizer("")["input_ids"])
+    lead = list(tokenizer.prefix_ids)
     prefixes, uncond = [], []
     for source, instruction in zip(sources, instructions, strict=True):
-        ids = list(tokenizer(instruction, add_special_tokens=False)["input_ids"])
+        ids = tokenizer.encode(instruction)
         prefixes.append(edit_prefix(model, source, ids, lead))
         uncond.append(edit_prefix(model, source, [], lead))
     latents = sample_images(model, prefixes, uncond, config, generator, progress)

@@ -1,4 +1,5 @@
-"""Between model latents and pictures: a diffusers AutoencoderKL (optional), PNG files and a grid image.
+"""Between model latents and pictures: a diffusers AutoencoderKL (optional; loaded with
+`megafusion.data_pipeline.vae.load_vae`), PNG files and a grid image.
 
 Model latents live in the VAE's scaled space (training stores `vae.encode(x) * scaling_factor`, minus
 `shift_factor` for VAEs that define one), so decoding divides by the scaling factor first."""
@@ -18,13 +19,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 LATENTS_KEY = "latents"
-
-
-def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """Any diffusers AutoencoderKL directory (the sd-vae-ft-mse layout), frozen, in `dtype`."""
-    from megafusion.data_pipeline.vae import load_vae as load_frozen_vae
-
-    return load_frozen_vae(path).to(dtype)
 
 
 def _processor(vae: AutoencoderKL) -> VaeImageProcessor:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
+from megafusion.data_pipeline.tokenizer import TextTokenizer
 from megafusion.inference.denoise import Generators, denoise, make_scheduler
 from megafusion.inference.images import decode_latents
 from megafusion.inference.sampling import SamplingConfig, allowed_token_mask, choose_tokens
@@ -49,7 +49,7 @@ def interleave_tokens(
     cfg = uncond_ids is not None and image_config.guidance_scale is not None
     # The unconditional prefix never changes: computed once, reused by every image.
     uncond = prefill(model, [[list(uncond_ids), [boi]]]).cache if cfg else None
-    scheduler = make_scheduler(image_config.sampler, image_config.num_steps, image_config.num_train_timesteps)
+    scheduler = make_scheduler(image_config.sampler, image_config.num_steps, model.diffusion_args)
     token_generator = generator[0] if isinstance(generator, list) else generator
     items: list[int | torch.Tensor] = []
     num_text = num_images = 0
@@ -76,7 +76,7 @@ def interleave_tokens(
 @torch.no_grad()
 def generate_interleaved(
     model: LlamaFusion,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TextTokenizer,
     prompt: str,
     sampling: SamplingConfig | None = None,
     image_config: ImageSamplingConfig | None = None,

@@ -5,7 +5,8 @@ Sequence conventions shared by every inference mode (the training layout of Tran
     image -> text     <prompt ids> BOI [image] EOI <caption ...>
     edit (sec. 5.2)   <ids> BOI [source] EOI <instruction ids> BOI [target] EOI
 where BOI = model.boi_id and EOI = model.eoi_id (ids >= vocab_size), [image] is tokens_per_image image tokens,
-and <ids> is the tokenizer's encoding with its own special tokens (a BOS where the tokenizer adds one).
+and <ids> starts like a training document: the tokenizer's `prefix_ids` (a BOS where the tokenizer adds one),
+then the plain encoding.
 Images that are inputs (captioning, edit source, an image already generated) enter clean, at t = 0.
 """
 

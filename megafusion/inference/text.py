@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from megafusion.data_pipeline.tokenizer import TextTokenizer
 from megafusion.inference.sampling import SamplingConfig, allowed_token_mask, choose_tokens
 from megafusion.inference.sequence import Item, Step, feed_tokens, prefill
 from megafusion.inference.tokens import encode_prompt, stop_token_ids
@@ -59,7 +59,7 @@ def generate_tokens(
 @torch.no_grad()
 def generate_text(
     model: LlamaFusion,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TextTokenizer,
     prompts: str | Sequence[str],
     sampling: SamplingConfig | None = None,
     chat: bool | None = None,

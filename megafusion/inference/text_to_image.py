@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
+from megafusion.data_pipeline.tokenizer import TextTokenizer
 from megafusion.inference.denoise import DEFAULT_GUIDANCE, Generators, SamplerName, denoise, make_scheduler
 from megafusion.inference.images import decode_latents
 from megafusion.inference.sequence import Item, prefill
@@ -23,8 +23,7 @@ class ImageSamplingConfig:
     num_steps: int = 50
     # None turns classifier-free guidance off (no unconditional rows at all).
     guidance_scale: float | None = DEFAULT_GUIDANCE
-    # Must match the training schedule (config `diffusion.num_train_timesteps`).
-    num_train_timesteps: int = 1000
+    # The noise process (T, beta schedule) is not a sampling choice: it is the model's `diffusion_args`.
 
 
 @dataclass
@@ -61,14 +60,14 @@ def sample_images(
     if cfg:
         uncond = cache.select([batch + (b if len(uncond_prefixes) > 1 else 0) for b in repeat])
     cache = cache.select(repeat)
-    scheduler = make_scheduler(config.sampler, config.num_steps, config.num_train_timesteps)
+    scheduler = make_scheduler(config.sampler, config.num_steps, model.diffusion_args)
     return denoise(model, cache, scheduler, uncond, config.guidance_scale, generator, progress=progress)
 
 
 @torch.no_grad()
 def generate_images(
     model: LlamaFusion,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TextTokenizer,
     prompts: str | Sequence[str],
     config: ImageSamplingConfig | None = None,
     generator: Generators = None,

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from megafusion.config.schema import SEPARATIONS, ImageConfig, UNetConfig
 from megafusion.model.arch import LlamaArch
+from megafusion.model.args import SEPARATIONS, DiffusionArgs, ImageConfig, UNetConfig
 from megafusion.model.attention import ATTENTION_BACKENDS
 from megafusion.model.block import FusionBlock
-from megafusion.model.hybrid_mask import CachedHybridMask, HybridMask
-from megafusion.model.kv_cache import KVCache
+from megafusion.model.kv_cache import KVCache, cached_doc_ids, chunk_mask, extend_cache
 from megafusion.model.layers import RMSNorm
 from megafusion.model.layout import TokenLayout
 from megafusion.model.rope import RotaryEmbedding
 from megafusion.model.routing import ROUTING_BACKENDS, ModalityRouter, Routed
 from megafusion.model.unet import UNetDown, UNetUp
 
-FUSION_CONFIG_NAME = "fusion_config.json"
-WEIGHTS_NAME = "model.safetensors"
 NUM_SPECIAL_TOKENS = 2  # BOI, EOI
 # Top-level parameters that belong to the image learning-rate group besides every routed `.image.` set.
 IMAGE_GROUP_PREFIXES = ("unet_down.", "unet_up.", "special_embed", "special_head")
@@ -89,6 +84,10 @@ class LlamaFusion(nn.Module):
         self.unet_down = UNetDown(self.image_config, self.unet_config, d)
         self.unet_up = UNetUp(self.image_config, self.unet_config, d, arch.rms_norm_eps)
         self.base_path: str | None = None
+        # What the model was trained with, saved beside its weights so sampling and evaluation use the same:
+        # the noise process, and the token ids every training document started with (the tokenizer's prefix).
+        self.diffusion_args = DiffusionArgs()
+        self.document_prefix: list[int] | None = None
 
     # ------------------------------------------------------------------ parameters
     @staticmethod
@@ -161,13 +160,13 @@ class LlamaFusion(nn.Module):
         Training: `lm_targets` (B, S) next-token targets (-100 = none) make the LM head run only on the text rows
         that have one, inside this forward (where sharded parameters are gathered)."""
         layout = TokenLayout.build(
-            input_ids, modality, image_ids, self._cached_doc_ids(input_ids, doc_ids, kv_cache),
+            input_ids, modality, image_ids, cached_doc_ids(input_ids, doc_ids, kv_cache, len(self.layers)),
             position_ids, self.image_config.tokens_per_image,
         )
         if kv_cache is not None and position_ids is None:
             layout = replace(layout, position_ids=kv_cache.continuation_positions(layout.doc_ids))
         router = ModalityRouter(layout.modality, self.routing_backend)
-        mask, cache_image_ids = self._mask(layout, kv_cache)
+        mask, cache_image_ids = chunk_mask(layout, kv_cache)
         dtype = self.embed_tokens.weight.dtype
 
         text_ids = router.to_grouped(input_ids)[: router.num_text]
@@ -213,51 +212,8 @@ class LlamaFusion(nn.Module):
             lm_logits = torch.cat(self.lm_logits(text_h[valid]), dim=-1)
         cache = None
         if use_cache:
-            cache = self._extend_cache(kv_cache, new_kv, layout, cache_image_ids)
+            cache = extend_cache(kv_cache, new_kv, layout, cache_image_ids)
         return FusionOutput(logits, special_logits, noise_pred, text_h, text_index, cache, lm_logits, targets)
-
-    # ------------------------------------------------------------------ KV cache
-    def _cached_doc_ids(
-        self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None, past: KVCache | None
-    ) -> torch.Tensor | None:
-        if past is None:
-            return doc_ids
-        if past.batch_size != input_ids.shape[0]:
-            raise ValueError(f"kv_cache holds {past.batch_size} rows but input_ids has {input_ids.shape[0]}")
-        if past.num_layers != len(self.layers):
-            raise ValueError(f"kv_cache has {past.num_layers} layers, the model {len(self.layers)}")
-        if doc_ids is not None or len(past) == 0:
-            return doc_ids
-        return past.doc_ids[:, -1:].expand_as(input_ids)
-
-    @staticmethod
-    def _mask(layout: TokenLayout, past: KVCache | None) -> tuple[HybridMask, torch.Tensor]:
-        """The chunk's mask, and its image ids made unique against the cache's (chunk-local ids restart at 0)."""
-        if past is None:
-            return HybridMask(layout), layout.image_ids
-        offset = past.next_image_id
-        image_ids = torch.where(layout.image_ids >= 0, layout.image_ids + offset, layout.image_ids)
-        mask = CachedHybridMask(replace(layout, image_ids=image_ids), past.doc_ids, past.image_ids)
-        return mask, image_ids
-
-    @staticmethod
-    def _extend_cache(
-        past: KVCache | None,
-        kv: list[tuple[torch.Tensor, torch.Tensor]],
-        layout: TokenLayout,
-        image_ids: torch.Tensor,
-    ) -> KVCache:
-        # Layers already concatenated past + new keys for attention; only the layout rows are appended here.
-        def extend(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-            return new if old is None else torch.cat((old, new), dim=1)
-
-        return KVCache(
-            tuple(k for k, _ in kv),
-            tuple(v for _, v in kv),
-            extend(None if past is None else past.doc_ids, layout.doc_ids),
-            extend(None if past is None else past.image_ids, image_ids),
-            extend(None if past is None else past.position_ids, layout.position_ids),
-        )
 
     def _check_images(
         self, images: torch.Tensor | None, timesteps: torch.Tensor | None, num_images: int
@@ -286,6 +242,8 @@ class LlamaFusion(nn.Module):
         return full.view(router.batch, router.seq, -1), full_special.view(router.batch, router.seq, -1)
 
     # ------------------------------------------------------------------ loading and saving
+    # Thin entry points of the public API; the file formats live in megafusion/checkpoint/fusion_io.py (the one
+    # sanctioned upward import of the model package, see tests/test_import_layers.py).
     @classmethod
     def from_llama(
         cls,
@@ -299,67 +257,18 @@ class LlamaFusion(nn.Module):
     ) -> LlamaFusion:
         """Build from an HF Llama directory (config.json + safetensors, sharded or not) or a .gguf file:
         text set = the pretrained LM, image set = a copy of it, U-Nets from scratch."""
-        from megafusion.checkpoint.llama_reader import read_llama_checkpoint
-        from megafusion.checkpoint.names import load_text_state
+        from megafusion.checkpoint.fusion_io import build_from_llama
 
-        checkpoint = read_llama_checkpoint(path)
-        arch = LlamaArch.from_hf_config(checkpoint.config, source=checkpoint.config_source)
-        model = cls(arch, separation, image, unet, attention, routing)
-        load_text_state(model, checkpoint.state_dict, checkpoint.weights_source)
-        model.init_image_set_from_text()
-        model.base_path = str(path)
-        return model.to(dtype)
+        return build_from_llama(cls, path, separation, image, unet, dtype, attention, routing)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """All weights (safetensors) + the architecture; written to a temp dir and renamed into place."""
-        from megafusion.checkpoint.atomic import atomic_directory
+        """All weights (safetensors) + architecture + diffusion settings + document prefix, written atomically."""
+        from megafusion.checkpoint.fusion_io import save_fusion
 
-        with atomic_directory(out_dir) as tmp:
-            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            meta = {
-                "format": "megafusion.LlamaFusion",
-                "format_version": 1,
-                "separation": self.separation,
-                "attention": self.attention_backend,
-                "routing": self.routing_backend,
-                "arch": self.arch.to_dict(),
-                "image": asdict(self.image_config),
-                "unet": asdict(self.unet_config),
-                "base_path": self.base_path,
-                "dtype": str(self.embed_tokens.weight.dtype).removeprefix("torch."),
-            }
-            (tmp / FUSION_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        return Path(out_dir)
+        return save_fusion(self, out_dir)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> LlamaFusion:
-        path = Path(path)
-        cfg_file = path / FUSION_CONFIG_NAME
-        if not cfg_file.is_file():
-            raise FileNotFoundError(
-                f"{path}: no {FUSION_CONFIG_NAME}; expected a directory written by LlamaFusion.save_pretrained "
-                "(to start from a plain Llama checkpoint use LlamaFusion.from_llama)"
-            )
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format") != "megafusion.LlamaFusion":
-            raise ValueError(f"{cfg_file}: 'format' is {meta.get('format')!r}, expected 'megafusion.LlamaFusion'")
-        model = cls(
-            LlamaArch.from_dict(meta["arch"]),
-            meta["separation"],
-            ImageConfig(**meta["image"]),
-            UNetConfig(**meta["unet"]),
-            meta.get("attention", "sdpa"),
-            meta.get("routing", "index"),
-        )
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path}: missing {WEIGHTS_NAME}")
-        state = load_file(str(weights))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights}: does not match {cfg_file}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        model.base_path = meta.get("base_path")
-        return model.to(dtype or getattr(torch, meta.get("dtype", "float32")))
+        from megafusion.checkpoint.fusion_io import load_fusion
+
+        return load_fusion(cls, path, dtype)

@@ -1,6 +1,5 @@
-"""The one place that decides which token may attend to which (the hybrid Transfusion mask).
+"""The hybrid Transfusion mask of a batch layout (the rule itself: megafusion.kernels.mask_rule).
 
-allowed(i, j) = same document AND (j <= i OR i and j belong to the same image).
 Attention backends consume a HybridMask; a FlexAttention or Triton backend can read `mask_mod` or the
 per-token ids instead of the dense matrix. With a KV cache, CachedHybridMask applies the same rule to the rows
 of the new tokens only, over [cached + new] keys."""
@@ -9,20 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from megafusion.kernels.mask_rule import cached_hybrid_allowed, hybrid_allowed
 from megafusion.model.layout import TokenLayout
 
-
-def hybrid_allowed(
-    q_idx: torch.Tensor,
-    kv_idx: torch.Tensor,
-    q_doc: torch.Tensor,
-    kv_doc: torch.Tensor,
-    q_img: torch.Tensor,
-    kv_img: torch.Tensor,
-) -> torch.Tensor:
-    """The mask rule on broadcastable index/id tensors, shared by the dense builder and future kernels."""
-    same_image = (q_img == kv_img) & (q_img >= 0)
-    return (q_doc == kv_doc) & ((kv_idx <= q_idx) | same_image)
+__all__ = ["CachedHybridMask", "HybridMask", "cached_hybrid_allowed", "hybrid_allowed"]
 
 
 class HybridMask:
@@ -54,27 +43,6 @@ class HybridMask:
     def density(self) -> float:
         """Fraction of (query, key) pairs that are computed; used for honest FLOP counts."""
         return float(self.dense().float().mean())
-
-
-def cached_hybrid_allowed(
-    past_doc: torch.Tensor, past_img: torch.Tensor, new_doc: torch.Tensor, new_img: torch.Tensor
-) -> torch.Tensor:
-    """Boolean (B, S, P+S): the rows of the S new tokens of the dense mask over the sequence [P cached, S new].
-    Image ids must already be distinct between cached and new images (a new chunk holds whole images)."""
-    past_len, new_len = past_doc.shape[1], new_doc.shape[1]
-    device = new_doc.device
-    q_idx = torch.arange(past_len, past_len + new_len, device=device)
-    kv_idx = torch.arange(past_len + new_len, device=device)
-    kv_doc = torch.cat((past_doc, new_doc), dim=1)
-    kv_img = torch.cat((past_img, new_img), dim=1)
-    return hybrid_allowed(
-        q_idx[None, :, None],
-        kv_idx[None, None, :],
-        new_doc[:, :, None],
-        kv_doc[:, None, :],
-        new_img[:, :, None],
-        kv_img[:, None, :],
-    )
 
 
 class CachedHybridMask(HybridMask):

@@ -13,11 +13,12 @@ document (PAD_DOC), so padded keys are invisible to real tokens through the ordi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from megafusion.model.layout import positions_from_documents
+from megafusion.model.hybrid_mask import CachedHybridMask, HybridMask
+from megafusion.model.layout import TokenLayout, positions_from_documents
 
 # Document id of left padding: no real token is in this document, so no real token attends to a pad.
 PAD_DOC = -1
@@ -121,3 +122,49 @@ class KVCache:
         steps = torch.arange(1, doc_ids.shape[1] + 1, device=doc_ids.device)
         continuing = rel == steps
         return torch.where(continuing, self.position_ids[:, -1:] + rel, rel)
+
+
+def cached_doc_ids(
+    input_ids: torch.Tensor, doc_ids: torch.Tensor | None, past: KVCache | None, num_layers: int
+) -> torch.Tensor | None:
+    """Document ids of a chunk: given ones, else (with a cache) the last cached token's document."""
+    if past is None:
+        return doc_ids
+    if past.batch_size != input_ids.shape[0]:
+        raise ValueError(f"kv_cache holds {past.batch_size} rows but input_ids has {input_ids.shape[0]}")
+    if past.num_layers != num_layers:
+        raise ValueError(f"kv_cache has {past.num_layers} layers, the model {num_layers}")
+    if doc_ids is not None or len(past) == 0:
+        return doc_ids
+    return past.doc_ids[:, -1:].expand_as(input_ids)
+
+
+def chunk_mask(layout: TokenLayout, past: KVCache | None) -> tuple[HybridMask, torch.Tensor]:
+    """The chunk's mask, and its image ids made unique against the cache's (chunk-local ids restart at 0)."""
+    if past is None:
+        return HybridMask(layout), layout.image_ids
+    offset = past.next_image_id
+    image_ids = torch.where(layout.image_ids >= 0, layout.image_ids + offset, layout.image_ids)
+    mask = CachedHybridMask(replace(layout, image_ids=image_ids), past.doc_ids, past.image_ids)
+    return mask, image_ids
+
+
+def extend_cache(
+    past: KVCache | None,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    layout: TokenLayout,
+    image_ids: torch.Tensor,
+) -> KVCache:
+    """The cache of past + this chunk. Layers already concatenated past + new keys for attention; only the layout
+    rows are appended here."""
+
+    def extend(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        return new if old is None else torch.cat((old, new), dim=1)
+
+    return KVCache(
+        tuple(k for k, _ in kv),
+        tuple(v for _, v in kv),
+        extend(None if past is None else past.doc_ids, layout.doc_ids),
+        extend(None if past is None else past.image_ids, image_ids),
+        extend(None if past is None else past.position_ids, layout.position_ids),
+    )

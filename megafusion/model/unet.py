@@ -10,7 +10,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from megafusion.config.schema import ImageConfig, UNetConfig
+from megafusion.model.args import ImageConfig, UNetConfig
 from megafusion.model.layers import RMSNorm
 
 

@@ -53,7 +53,7 @@ from dataclasses import astuple, dataclass, field
 import torch
 from torch import nn
 
-from megafusion.config.schema import ImageConfig, UNetConfig
+from megafusion.model.args import ImageConfig, UNetConfig
 from megafusion.model.arch import LlamaArch
 from megafusion.model.fusion import NUM_SPECIAL_TOKENS, LlamaFusion
 from megafusion.model.layers import RMSNorm

@@ -12,6 +12,7 @@ import torch
 
 from megafusion.checkpoint import fetch_base as fb
 from megafusion.checkpoint.gguf import load_gguf
+from megafusion.common import atomic
 
 PROMPT = "The quick brown fox"
 
@@ -160,12 +161,35 @@ def test_converted_model_answers_paris(converted) -> None:
 
 
 def test_leftovers_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    # fetch_base's temporary siblings are megafusion.common.atomic's.
     final = tmp_path / "smollm2-135m"
-    prefix = fb._tmp_prefix(final)
-    mine = fb._make_tmp_dir(final)  # owned by this (live) process
+    prefix = atomic.tmp_prefix(final)
+    mine = atomic.tmp_sibling(final)  # owned by this (live) process
+    mine.mkdir()
     dead = tmp_path / f"{prefix}{socket.gethostname()}-{2**22 + 12345}-deadbeef"  # above Linux pid_max
     dead.mkdir()
     other_host = tmp_path / f"{prefix}some-other-host-1-cafebabe"
     other_host.mkdir()
-    fb._remove_stale_tmp(tmp_path, prefix)
+    atomic.remove_stale_tmp(final)
     assert mine.exists() and other_host.exists() and not dead.exists()
+
+
+def test_a_complete_copy_installed_concurrently_is_kept(tmp_path: Path, monkeypatch) -> None:
+    # Another process finishes the same cache entry while we convert: its copy stays (it may be in use), ours goes.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / fb.COMPLETE_MARKER).write_text(json.dumps({"format": fb.MARKER_FORMAT, "files": {"config.json": 2}}))
+    dst = tmp_path / "dst"
+    real_copytree = fb.shutil.copytree
+
+    def copy_while_another_process_installs(a, b, **kwargs):
+        real_copytree(a, b, **kwargs)
+        real_copytree(a, dst)
+        (dst / "theirs").write_text("")
+
+    monkeypatch.setattr(fb.shutil, "copytree", copy_while_another_process_installs)
+    assert fb._copy_dir(src, dst) == dst
+    monkeypatch.undo()
+    assert (dst / "theirs").is_file() and fb.is_complete(dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"], "temporary sibling left behind"

@@ -69,3 +69,43 @@ def test_from_pretrained_on_wrong_directory(tmp_path):
     save_tiny_llama(tmp_path, "gqa-untied")
     with pytest.raises(FileNotFoundError, match="fusion_config.json.*from_llama"):
         LlamaFusion.from_pretrained(tmp_path)
+
+
+def test_saved_model_carries_diffusion_settings_and_document_prefix(tmp_path):
+    from megafusion.model.args import DiffusionArgs
+
+    save_tiny_llama(tmp_path / "base")
+    model = LlamaFusion.from_llama(tmp_path / "base", image=TINY_IMAGE, unet=TINY_UNET)
+    model.diffusion_args = DiffusionArgs(num_train_timesteps=500, beta_schedule="linear")
+    model.document_prefix = [1]
+    loaded = LlamaFusion.from_pretrained(model.save_pretrained(tmp_path / "fused"))
+    assert loaded.diffusion_args == DiffusionArgs(500, "linear", "epsilon")
+    assert loaded.document_prefix == [1]
+
+
+def test_model_saved_before_diffusion_settings_loads_with_the_defaults_it_was_trained_with(tmp_path):
+    import json
+
+    from megafusion.model.args import DiffusionArgs
+
+    save_tiny_llama(tmp_path / "base")
+    out = LlamaFusion.from_llama(tmp_path / "base", image=TINY_IMAGE, unet=TINY_UNET).save_pretrained(tmp_path / "f")
+    meta = json.loads((out / "fusion_config.json").read_text())
+    for key in ("diffusion", "document_prefix"):
+        meta.pop(key)
+    meta["format_version"] = 1
+    (out / "fusion_config.json").write_text(json.dumps(meta))
+    loaded = LlamaFusion.from_pretrained(out)
+    assert loaded.diffusion_args == DiffusionArgs(1000, "squaredcos_cap_v2") and loaded.document_prefix is None
+
+
+def test_a_bad_diffusion_entry_names_the_file(tmp_path):
+    import json
+
+    save_tiny_llama(tmp_path / "base")
+    out = LlamaFusion.from_llama(tmp_path / "base", image=TINY_IMAGE, unet=TINY_UNET).save_pretrained(tmp_path / "f")
+    meta = json.loads((out / "fusion_config.json").read_text())
+    meta["diffusion"]["beta_schedule"] = "quadratic"
+    (out / "fusion_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="fusion_config.json.*beta_schedule"):
+        LlamaFusion.from_pretrained(out)

@@ -1,5 +1,7 @@
 """The streaming loader: rank/worker split, ordering ratio, corrupt shards, and exact resume."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -28,18 +30,36 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
-def test_one_epoch_covers_every_sample_once_across_ranks_and_workers(tmp_path):
+@pytest.mark.parametrize("world, workers", [(2, 2), (4, 0)])
+def test_one_epoch_delivers_every_sample_exactly_once_across_ranks_and_workers(tmp_path, world, workers):
+    """8 shards of 10 samples over 4 readers (ranks x workers): each reader owns 2 whole shards, so its first 20
+    documents are its share of epoch 0 (shuffle_buffer=1 keeps epochs apart). Together the shares must hold the
+    80 samples exactly once: none missing, none read by two ranks or two workers."""
     shards = make_latent_shards(tmp_path / "s", num_shards=8, per_shard=10)
-    seen = []
-    for rank in range(2):
-        stream = _stream(tmp_path, shards, rank=rank, world=2, shuffle_buffer=1, num_workers=2)
-        # 40 samples per rank; sequences hold several documents: read enough batches to pass one epoch.
-        for batch in _take(build_loader(stream, batch_size=2), 12):
-            seen += _sample_ids(batch)
-    first_epoch = set(range(80))
-    assert first_epoch <= set(seen)
-    counts = {i: seen.count(i) for i in first_epoch}
-    assert min(counts.values()) >= 1
+    readers = world * max(1, workers)
+    per_reader = 80 // readers
+    shares = []
+    for rank in range(world):
+        stream = _stream(tmp_path, shards, rank=rank, world=world, shuffle_buffer=1, num_workers=workers)
+        per_worker = [[] for _ in range(max(1, workers))]
+        it = iter(build_loader(stream, batch_size=2))
+        step = 0
+        while min(map(len, per_worker)) < per_reader:
+            assert step < 60, f"rank {rank}: a worker delivered fewer than {per_reader} documents in 60 batches"
+            batch = next(it)
+            ids = _sample_ids(batch)
+            assert batch["keys"] == [f"src-{i}" for i in ids], "a document's key and latent come from one sample"
+            # A DataLoader hands out its workers' batches in turn: batch n comes from worker n % num_workers.
+            per_worker[step % len(per_worker)] += ids
+            step += 1
+        del it
+        shares += [worker_ids[:per_reader] for worker_ids in per_worker]
+    first_epoch = [i for share in shares for i in share]
+    repeated = sorted(i for i, n in Counter(first_epoch).items() if n > 1)
+    assert not repeated, f"samples delivered more than once in epoch 0: {repeated}"
+    missing = sorted(set(range(80)) - set(first_epoch))
+    assert not missing, f"samples missing from epoch 0: {missing}"
+    assert sorted(first_epoch) == list(range(80))
 
 
 def test_caption_first_ratio_is_honoured(tmp_path):

@@ -1,5 +1,6 @@
 """The DDPM cosine schedule against diffusers' DDPMScheduler (the independent reference)."""
 
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -34,3 +35,18 @@ def test_image_first_timesteps_are_capped():
     assert t[first].max() <= 300 and t[first].min() == 0
     assert t[~first].max() > 900 and t[~first].max() <= 999
     assert abs(t[~first].float().mean().item() - 499.5) < 15
+
+
+@pytest.mark.parametrize("schedule,steps", [("linear", 1000), ("linear", 500), ("squaredcos_cap_v2", 250)])
+def test_each_beta_schedule_matches_diffusers(schedule, steps):
+    from megafusion.model.args import DiffusionArgs
+
+    ours = DDPMSchedule(DiffusionArgs(num_train_timesteps=steps, beta_schedule=schedule))
+    ref = DDPMScheduler(num_train_timesteps=steps, beta_schedule=schedule)
+    torch.testing.assert_close(ours.betas.float(), ref.betas, atol=1e-7, rtol=0)
+    torch.testing.assert_close(ours.alphas_cumprod.float(), ref.alphas_cumprod, atol=1e-6, rtol=0)
+
+
+def test_run_config_beta_schedule_is_used():
+    ours = DDPMSchedule(DiffusionConfig(beta_schedule="linear"))
+    torch.testing.assert_close(ours.betas.float(), DDPMScheduler(beta_schedule="linear").betas, atol=1e-7, rtol=0)

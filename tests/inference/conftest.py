@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from transformers import PreTrainedTokenizerFast
 
+from megafusion.data_pipeline.tokenizer import TextTokenizer, load_tokenizer
 from megafusion.model import LlamaFusion
 from tests.helpers import TINY_IMAGE, TINY_UNET, save_tiny_llama
 from tests.inference.helpers import save_tiny_tokenizer
@@ -38,8 +38,9 @@ def model(tiny_dirs) -> LlamaFusion:
 
 
 @pytest.fixture
-def tokenizer(tiny_dirs) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast.from_pretrained(tiny_dirs["base"])
+def tokenizer(tiny_dirs) -> TextTokenizer:
+    """Through the one loader training and `generate` use (an HF tokenizer.json here)."""
+    return load_tokenizer(tiny_dirs["base"])
 
 
 @pytest.fixture(autouse=True)

@@ -5,17 +5,17 @@ import torch
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.inference.caption import caption_images, caption_rows
 from megafusion.inference.edit import edit_images, edit_prefix
-from megafusion.inference.edit_data import (
-    EditTriplet,
-    build_edit_example,
-    collate_edit_examples,
-    edit_diffusion_loss,
-)
 from megafusion.inference.interleave import generate_interleaved
 from megafusion.inference.sampling import SamplingConfig
 from megafusion.inference.sequence import pack_rows, prefill
 from megafusion.inference.text import generate_tokens
 from megafusion.inference.text_to_image import ImageSamplingConfig, sample_images
+from megafusion.training.edit_objective import (
+    EditTriplet,
+    build_edit_example,
+    collate_edit_examples,
+    edit_diffusion_loss,
+)
 from tests.inference.helpers import VOCAB, force_special_tokens
 
 N = 4
@@ -57,9 +57,9 @@ def test_interleave_diffuses_in_place_and_continues_after_a_clean_image(model, t
     boi, eoi = model.boi_id, model.eoi_id
     assert out.token_ids[:2] == [boi, eoi] and all(t < VOCAB for t in out.token_ids[2:])
     assert isinstance(out.segments[0], torch.Tensor) and isinstance(out.segments[1], str)
-    prompt = tokenizer("w3 w4 w5").input_ids
+    prompt = [1, 3, 4, 5]  # BOS w3 w4 w5: the tokenizer's prefix, then the words
     # The image is what text -> image sampling gives for the same prefix (the cache of everything so far)...
-    expected = sample_images(model, [[prompt]], [[tokenizer("").input_ids]], config,
+    expected = sample_images(model, [[prompt]], [[[1]]], config,
                              torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.segments[0][None], expected, atol=1e-5, rtol=0)
     # ...and the text after it is what a fresh model reading prompt BOI image(t=0) EOI would say.

@@ -4,6 +4,8 @@ from PIL import Image
 
 from megafusion.cli import main
 from megafusion.inference.images import load_latents
+from megafusion.model import LlamaFusion
+from megafusion.model.args import DiffusionArgs
 
 
 def test_generate_text_from_fused_model_and_from_base(tiny_dirs, capsys):
@@ -46,3 +48,42 @@ def test_generate_image_caption_edit_interleave(tiny_dirs, tmp_path, capsys):
 def test_generate_reports_bad_input(tiny_dirs, capsys):
     code = main(["generate", "caption", "--model", str(tiny_dirs["fused"]), "--image", "x.png"])
     assert code == 2 and "needs --vae" in capsys.readouterr().err
+
+
+def _fused_with(tiny_dirs, out, **attrs):
+    """The tiny fused model saved again with other recorded training settings."""
+    model = LlamaFusion.from_pretrained(tiny_dirs["fused"])
+    for name, value in attrs.items():
+        setattr(model, name, value)
+    model.save_pretrained(out)
+    return str(out)
+
+
+def test_generate_reads_the_models_diffusion_settings_and_rejects_contradictions(tiny_dirs, tmp_path, capsys):
+    model = _fused_with(tiny_dirs, tmp_path / "m500", diffusion_args=DiffusionArgs(500, "linear"))
+    agreeing = tmp_path / "agree.yaml"
+    agreeing.write_text("diffusion:\n  num_train_timesteps: 500\n  beta_schedule: linear\n")
+    common = ["--model", model, "--prompt", "w3", "--steps", "2", "--seed", "0", "--no-cfg"]
+    assert main(["generate", "image", *common, "--out", str(tmp_path / "a"), "--num-train-timesteps", "500",
+                 "--config", str(agreeing)]) == 0
+    capsys.readouterr()
+
+    assert main(["generate", "image", *common, "--out", str(tmp_path / "b"), "--num-train-timesteps", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-train-timesteps 1000" in err and "num_train_timesteps 500" in err
+
+    contradicting = tmp_path / "cosine.yaml"
+    contradicting.write_text("diffusion:\n  num_train_timesteps: 500\n")  # beta_schedule: the cosine default
+    assert main(["generate", "interleave", *common, "--out", str(tmp_path / "c"), "--config", str(contradicting)]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion.beta_schedule is 'squaredcos_cap_v2'" in err and "beta_schedule 'linear'" in err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_generate_rejects_a_tokenizer_that_starts_documents_differently(tiny_dirs, tmp_path, capsys):
+    model = _fused_with(tiny_dirs, tmp_path / "m", document_prefix=[5])
+    assert main(["generate", "text", "--model", model, "--prompt", "w3", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "starts documents with [1]" in err and "documents starting with [5]" in err
+    same = _fused_with(tiny_dirs, tmp_path / "same", document_prefix=[1])  # what the tiny tokenizer adds: BOS
+    assert main(["generate", "text", "--model", same, "--prompt", "w3", "--max-new-tokens", "2"]) == 0

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 
+from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.inference.denoise import guided_noise, make_scheduler, predict_noise
 from megafusion.inference.sequence import prefill
 from megafusion.inference.text_to_image import ImageSamplingConfig, sample_images
+from megafusion.model.args import DiffusionArgs
 from tests.inference.helpers import prompts
 
 N = 4  # TINY_IMAGE tokens per image
@@ -20,9 +23,9 @@ def full_forward_noise(model, prefix, latents, t):
         return model(ids, modality, images=latents, timesteps=torch.tensor([t])).noise_pred
 
 
-def uncached_sample(model, cond, uncond, scale, config, seed):
+def uncached_sample(model, cond, uncond, scale, config, seed, scheduler=None):
     """Reference sampler: every step recomputes the whole prompt + image sequence, one row at a time."""
-    scheduler = make_scheduler(config.sampler, config.num_steps, config.num_train_timesteps)
+    scheduler = scheduler or make_scheduler(config.sampler, config.num_steps, model.diffusion_args)
     g = torch.Generator().manual_seed(seed)
     img = model.image_config
     x = torch.randn(len(cond), img.latent_channels, img.latent_size, img.latent_size, generator=g)
@@ -90,7 +93,7 @@ def test_one_generator_per_image_makes_images_independent_of_the_batch(model):
 def test_schedulers_use_the_training_schedule_and_step_count(model):
     calls = []
     for sampler in ("ddpm", "ddim"):
-        scheduler = make_scheduler(sampler, num_steps=7, num_train_timesteps=1000)
+        scheduler = make_scheduler(sampler, num_steps=7, diffusion=DiffusionArgs(num_train_timesteps=1000))
         assert scheduler.config.beta_schedule == "squaredcos_cap_v2" and len(scheduler.timesteps) == 7
     from megafusion.inference.denoise import denoise
 
@@ -107,3 +110,38 @@ def test_images_per_prompt_share_one_prefill(model):
     out = sample_images(model, rows, [[[1]]], ImageSamplingConfig(num_steps=2), torch.Generator().manual_seed(0),
                         images_per_prefix=3)
     assert out.shape == (6, 4, 4, 4)
+
+
+LINEAR_500 = DiffusionArgs(num_train_timesteps=500, beta_schedule="linear")
+
+
+@pytest.mark.parametrize("sampler, reference", [("ddpm", DDPMScheduler), ("ddim", DDIMScheduler)])
+def test_scheduler_follows_the_models_diffusion_settings(sampler, reference):
+    """A model trained with T = 500 and linear betas is sampled with exactly diffusers' scheduler for those
+    settings, whose noise levels are the training schedule's."""
+    ours = make_scheduler(sampler, 20, LINEAR_500)
+    theirs = reference(num_train_timesteps=500, beta_schedule="linear", prediction_type="epsilon", clip_sample=False)
+    theirs.set_timesteps(20)
+    assert type(ours) is reference
+    assert (ours.config.num_train_timesteps, ours.config.beta_schedule) == (500, "linear")
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, atol=0, rtol=0)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist() and int(ours.timesteps.max()) < 500
+    training = DDPMSchedule(LINEAR_500).alphas_cumprod
+    torch.testing.assert_close(ours.alphas_cumprod.double(), training, atol=1e-6, rtol=0)
+    cosine = DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2")
+    assert (ours.alphas_cumprod - cosine.alphas_cumprod).abs().max() > 0.1, "the guard: the schedules differ"
+
+
+@pytest.mark.parametrize("sampler, reference", [("ddpm", DDPMScheduler), ("ddim", DDIMScheduler)])
+def test_sampling_uses_the_diffusion_settings_the_model_carries(model, sampler, reference):
+    rows, uncond = prompts((6, 3)), [1]
+    model.diffusion_args = LINEAR_500
+    config = ImageSamplingConfig(sampler=sampler, num_steps=4, guidance_scale=2.0)
+    got = sample_images(model, [[r] for r in rows], [[uncond]], config, torch.Generator().manual_seed(5))
+    diffusers_scheduler = reference(num_train_timesteps=500, beta_schedule="linear", clip_sample=False)
+    diffusers_scheduler.set_timesteps(4)
+    ref = uncached_sample(model, rows, uncond, 2.0, config, seed=5, scheduler=diffusers_scheduler)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    model.diffusion_args = DiffusionArgs()
+    default = sample_images(model, [[r] for r in rows], [[uncond]], config, torch.Generator().manual_seed(5))
+    assert (default - got).abs().max() > 1e-3, "the guard: another schedule gives other images"

@@ -59,8 +59,10 @@ def test_boi_and_eoi_are_never_emitted_as_text(model, monkeypatch):
 
 def test_generate_text_decodes_with_the_tokenizer(model, tokenizer):
     out = generate_text(model, tokenizer, ["w3 w4 w5", "w9"], SamplingConfig(max_new_tokens=6))
-    ids = generate_tokens(model, [[tokenizer("w3 w4 w5").input_ids], [tokenizer("w9").input_ids]],
-                          SamplingConfig(max_new_tokens=6), stop_token_ids(model, tokenizer))
+    # A prompt starts like a training document: the tokenizer's prefix (BOS here), then the plain encoding.
+    assert tokenizer.prefix_ids + tokenizer.encode("w3 w4 w5") == [1, 3, 4, 5]
+    ids = generate_tokens(model, [[[1, 3, 4, 5]], [[1, 9]]], SamplingConfig(max_new_tokens=6),
+                          stop_token_ids(model, tokenizer))
     assert out == [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
     assert stop_token_ids(model, tokenizer) == {2}
 

@@ -1,18 +1,18 @@
-"""Training data format for image editing (paper section 5.2), so a model can be fine-tuned for `edit`.
+"""Training data format and loss for image editing (paper section 5.2), so a model can be fine-tuned for `edit`.
 
 An edit triplet (source image, instruction, target image) becomes one sequence
 
     [lead ids] BOI [source] EOI <instruction ids> BOI [target] EOI
 
-exactly the layout `megafusion.inference.edit` samples with. The source is an input: it stays clean (t = 0).
-Only the target is noised, and the loss is the target's noise-prediction MSE. TransfusionObjective noises
-every image of a sequence, hence this module's own `edit_diffusion_loss`.
+exactly the layout `megafusion.inference.edit` samples with (tests/inference checks the two agree). The source is
+an input: it stays clean (t = 0). Only the target is noised, and the loss is the target's noise-prediction MSE.
+TransfusionObjective noises every image of a sequence, hence this module's own `edit_diffusion_loss`.
 
-    triplet = EditTriplet(source=z_src, instruction_ids=tok("make it red", add_special_tokens=False).input_ids,
+    triplet = EditTriplet(source=z_src, instruction_ids=tok.encode("make it red"),
                           target=z_tgt)                      # latents: (C, H, W), VAE-scaled
-    example = build_edit_example(triplet, model, lead_ids=tok("").input_ids)
+    example = build_edit_example(triplet, model, lead_ids=tok.prefix_ids)
     batch = collate_edit_examples([example, ...])
-    loss = edit_diffusion_loss(model, batch, DDPMSchedule(cfg.diffusion), generator)
+    loss = edit_diffusion_loss(model, batch, DDPMSchedule(model.diffusion_args), generator)
 """
 
 from __future__ import annotations
