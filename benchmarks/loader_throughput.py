@@ -41,7 +41,7 @@ def main() -> None:
 
     import torch
 
-    from megafusion.training.trainer import forward_backward, setup_training
+    from megafusion.training.run_setup import forward_backward, setup_training
 
     run = setup_training(cfg)
     loader_docs, loader_seqs = loader_rate(cfg, run.ctx, run.model, args.batches)

@@ -10,12 +10,12 @@ import logging
 import random
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from megafusion.config.schema import DataConfig
 from megafusion.data_pipeline.packing import PackedSequence, SequencePacker, collate_packed
 from megafusion.data_pipeline.shard_format import LatentRecord, read_index, read_shard, shard_name
 from megafusion.data_pipeline.tokenizer import load_tokenizer
@@ -23,6 +23,30 @@ from megafusion.data_pipeline.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 # torchdata 0.11 calls a deprecated torch hook each time a loader starts; there is nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".set_vital. is deprecated")
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How the stream packs and orders documents (the run config's `data` section fills it; defaults as there)."""
+
+    max_len: int = 4096  # tokens per packed sequence
+    caption_first_prob: float = 0.8  # share of documents with the caption before the image
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    num_workers: int = 2  # DataLoader worker processes per rank
+    # With fewer shards than ranks x workers: False stops with an error, True samples shards with replacement.
+    resample_shards: bool = False
+
+    def __post_init__(self) -> None:
+        for ok, message in (
+            (self.max_len > 1, f"max_len: must be > 1, got {self.max_len}"),
+            (0.0 <= self.caption_first_prob <= 1.0,
+             f"caption_first_prob: must be in [0, 1], got {self.caption_first_prob}"),
+            (self.shuffle_buffer >= 1, f"shuffle_buffer: must be >= 1, got {self.shuffle_buffer}"),
+            (self.num_workers >= 0, f"num_workers: must be >= 0, got {self.num_workers}"),
+        ):
+            if not ok:
+                raise ValueError(message)
 
 
 class LatentSequenceStream(IterableDataset):
@@ -35,7 +59,7 @@ class LatentSequenceStream(IterableDataset):
         tokens_per_image: int,
         boi_id: int,
         eoi_id: int,
-        cfg: DataConfig,
+        cfg: LoaderSettings,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:

@@ -49,7 +49,7 @@ class TextTokenizer(Protocol):
     chat_template: str | None
 
     def encode(self, text: str) -> list[int]:
-        """Plain ids of `text`: no prefix, and special-token text inside it stays text."""
+        """Plain ids of `text`, without the prefix."""
         ...
 
     def encode_chat(self, text: str) -> list[int]:

@@ -96,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache root (default: $MEGAFUSION_CACHE or ~/.cache/megafusion)")
 
     p = sub.add_parser("config", help="validate a YAML config with --section.key=value overrides and print it")
-    p.add_argument("--config", default=None, help="YAML file under configs/ (defaults when omitted)")
+    p.add_argument("--config", default=None,
+                   help="YAML path or packaged name, e.g. smollm2-135m-deep (defaults when omitted)")
 
     p = sub.add_parser("train", help="train (or resume) with DeepSpeed: --config X.yaml [--section.key=value ...]")
-    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--config", required=True,
+                   help="YAML run config: a path or a packaged name, e.g. tiny-cpu or configs/tiny-cpu.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
 
     p = sub.add_parser("precompute-latents", help="images + captions -> VAE latents in WebDataset shards")

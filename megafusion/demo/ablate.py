@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megafusion.demo.pipeline import DEMO_GUIDANCE, QUICK_EVAL, QUICK_OVERRIDES, QUICK_VAE, DemoSettings, VaeSettings
+from megafusion.demo.data_prep import VaeSettings, prepare_demo_data
+from megafusion.demo.pipeline import DEMO_GUIDANCE, QUICK_EVAL, QUICK_OVERRIDES, QUICK_VAE, DemoSettings, demo_config
+from megafusion.demo.runs import export_ready, export_run, trained_step
 
 
 @dataclass
@@ -46,43 +48,31 @@ def _arm_name(separation: str, ratio: float) -> str:
 
 
 def _prepare_data(settings: AblationSettings) -> tuple[Path, Path, list[str]]:
-    """The demo's VAE and shards (made by the demo's own steps when missing) and the run-config overrides."""
-    from megafusion.data_pipeline.latent_shards import precompute_latents
-    from megafusion.data_pipeline.vae import train_vae
-    from megafusion.demo.pipeline import _claim_out_dir, _shards_ready, _vae_ready, demo_config
-
+    """The demo's VAE and shards (made by the demo's own data steps when missing), the run config file and its
+    overrides."""
     demo = DemoSettings(dataset=settings.dataset, out=settings.demo_out,
                         overrides=(list(QUICK_OVERRIDES) if settings.quick else []) + settings.overrides,
                         vae=QUICK_VAE if settings.quick else VaeSettings())
     cfg, config_path = demo_config(demo)
-    out = demo.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    _claim_out_dir(out, settings.dataset)
-    vae_dir, shards = out / "vae", out / "shards"
-    if not _vae_ready(vae_dir, cfg.image.latent_channels, demo.resolution):
-        v = demo.vae
-        train_vae(f"demo:{settings.dataset}", vae_dir, demo.resolution, cfg.image.latent_channels, v.steps,
-                  v.batch_size, v.lr, block_out_channels=v.block_out_channels, norm_num_groups=v.norm_num_groups)
-    if not _shards_ready(shards, vae_dir):
-        precompute_latents(vae_dir, f"demo:{settings.dataset}", shards, resolution=demo.resolution, batch_size=128,
-                           shard_size=256)
-    return vae_dir, config_path, [f"--data.shards={shards}", *demo.overrides]
+    data = prepare_demo_data(demo.out, settings.dataset, latent_channels=cfg.image.latent_channels,
+                             resolution=demo.resolution, vae=demo.vae)
+    return data.vae_dir, config_path, [f"--data.shards={data.shards}", *demo.overrides]
 
 
 def _train_arm(config: Path, overrides: list[str], run_dir: Path, model_dir: Path, log: Path) -> None:
-    from megafusion.demo.pipeline import _export, _export_ready, _trained_step, choose_threads
+    from megafusion.demo.pipeline import choose_threads
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(choose_threads())}
     cmd = [sys.executable, "-m", "megafusion", "train", "--config", str(config), *overrides,
            f"--train.output_dir={run_dir}"]
     max_steps = int(next(o.split("=")[1] for o in overrides if o.startswith("--optim.total_steps=")))
-    if _trained_step(run_dir) < max_steps:
+    if trained_step(run_dir) < max_steps:
         with open(log, "a") as fh:  # the trainer's progress bar goes to the log; a line per arm goes to stdout
             proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             raise RuntimeError(f"training {run_dir} failed (exit {proc.returncode}); see {log}")
-    if not _export_ready(model_dir, run_dir):
-        _export(run_dir, model_dir)
+    if not export_ready(model_dir, run_dir):
+        export_run(run_dir, model_dir)
 
 
 def run_ablation(settings: AblationSettings) -> dict:

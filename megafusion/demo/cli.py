@@ -19,7 +19,8 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--out", default=None,
                    help="output directory, steps already done there are reused (default: outputs/demo for digits, "
                         "outputs/demo-shapes for shapes)")
-    p.add_argument("--config", default=None, help="run YAML (default: configs/demo-<dataset>.yaml)")
+    p.add_argument("--config", default=None,
+                   help="run YAML: a path or a packaged name such as demo-digits (default: demo-<dataset>)")
     p.add_argument("--vae-steps", type=int, default=None, help="demo VAE training steps")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: $OMP_NUM_THREADS, else the cores the load average shows idle)")
@@ -40,7 +41,8 @@ def add_ablate_parser(sub: Any) -> None:
 
 
 def run_demo_command(args: argparse.Namespace, overrides: list[str]) -> int:
-    from megafusion.demo.pipeline import DemoSettings, VaeSettings, quick_settings, run_demo
+    from megafusion.demo.data_prep import VaeSettings
+    from megafusion.demo.pipeline import DemoSettings, quick_settings, run_demo
 
     out = Path(args.out or default_demo_out(args.dataset))
     if args.quick:
@@ -50,7 +52,7 @@ def run_demo_command(args: argparse.Namespace, overrides: list[str]) -> int:
         settings = DemoSettings(dataset=args.dataset, out=out, overrides=overrides)
     settings.threads = args.threads
     if args.config:
-        settings.config = Path(args.config)
+        settings.config = args.config  # a path or a packaged name, resolved by demo_config
     if args.vae_steps is not None:
         settings.vae = VaeSettings(**{**vars(settings.vae), "steps": args.vae_steps})
     report = run_demo(settings)

@@ -16,7 +16,7 @@ RUN_MARKER = "trained_on.json"
 
 def trained_step(run_dir: Path) -> int:
     """The step of the run's latest complete checkpoint (0 when there is none)."""
-    from megafusion.training.checkpointing import CheckpointManager
+    from megafusion.training.run_checkpoints import CheckpointManager
 
     tag = CheckpointManager(run_dir / "checkpoints", 1, {}, 0, 1).latest_tag()
     return int(tag.split("-")[-1]) if tag else 0

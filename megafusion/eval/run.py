@@ -286,6 +286,8 @@ def evaluate(model_dir: str | Path, vae_dir: str | Path, dataset: str, out_dir: 
         "vae": str(vae_dir),
         "base": str(base_path),
         "dataset": dataset,
+        # The noise process the samplers and the held-out loss used: the one the model records.
+        "diffusion": asdict(model.diffusion_args),
         "settings": {k: v for k, v in asdict(settings).items() if k != "progress"},
         "classifier": clf,
         "generation": gen,

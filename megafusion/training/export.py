@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 
 from megafusion.config import config_from_dict
+from megafusion.data_pipeline.tokenizer import load_tokenizer
 from megafusion.model.fusion import LlamaFusion
-from megafusion.training.checkpointing import CheckpointManager, hash_weights
+from megafusion.training.run_checkpoints import CheckpointManager, hash_weights
+from megafusion.training.run_setup import tokenizer_path
 
 log = logging.getLogger(__name__)
-MODULE_PREFIX = "model."  # the engine wraps TransfusionStep(model=LlamaFusion)
+MODULE_PREFIX = "model."  # the engine wraps LossModule(model=LlamaFusion)
 
 
 def _trainable_state(checkpoint_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -54,4 +56,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None 
         for name, value in trainable.items():
             params[name].copy_(value)
     model.base_path = str(base)
+    # What training set on its model (run_setup.setup_training), from the same stored config.
+    model.diffusion_args = cfg.diffusion.args()
+    model.document_prefix = list(load_tokenizer(tokenizer_path(cfg.data.tokenizer, base)).prefix_ids)
     return model.save_pretrained(out_dir)

@@ -24,8 +24,8 @@ are what MFU divides by the hardware peak. The rules:
     autograd computes one, which leaves out the two layers fed by non-differentiable inputs, `conv_in` (noisy
     latents) and each time embedding's `linear_1` (sinusoidal features of t): those backward at 1x, the rest at 2x.
 * Attention (QK^T and AV) counts only the (query, key) pairs the hybrid mask allows (the number of True entries of
-  `HybridMask(layout).dense()`, counted in O(S log S) from the same rule), even though the SDPA reference computes
-  the full square: per layer
+  `HybridMask(layout).dense()`, counted in O(S log S) from the same rule, `hybrid_allowed` of
+  `kernels/mask_rule.py`), even though the SDPA reference computes the full square: per layer
   num_heads * (2*pairs*head_dim + 2*pairs*head_dim) forward. Grouped-query attention changes the K/V projections,
   not this. Backward = 2x forward (dS, dP -> dQ, dK, and dV: four matmuls of the same size, no recompute counted)
   whenever gradients flow through attention: image rows present, `text_trainable` or `text_needs_input_grad`.
@@ -53,8 +53,9 @@ from dataclasses import astuple, dataclass, field
 import torch
 from torch import nn
 
-from megafusion.model.args import ImageConfig, UNetConfig
+from megafusion.kernels.mask_rule import hybrid_allowed
 from megafusion.model.arch import LlamaArch
+from megafusion.model.args import ImageConfig, UNetConfig
 from megafusion.model.fusion import NUM_SPECIAL_TOKENS, LlamaFusion
 from megafusion.model.layers import RMSNorm
 from megafusion.model.layout import IMAGE, TokenLayout
@@ -125,10 +126,15 @@ def _rank_in_group(*keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _attention_pairs(layout: TokenLayout) -> int:
     """Allowed (query, key) pairs of the hybrid mask, summed over the batch.
 
-    Same rule as `hybrid_allowed` (same document AND (key <= query OR same image)), counted per query in
+    The rule is `hybrid_allowed` (same document AND (key <= query OR same image)); this counts it per query in
     O(S log S) rather than by summing `HybridMask(layout).dense()`, which takes about a second per 4096-token row
-    here; the tests check both agree. Query i sees every earlier-or-equal key of its (row, document), plus, inside
-    an image, the later keys of the same (row, document, image)."""
+    here. Query i sees every earlier-or-equal key of its (row, document), plus, inside an image, the later keys of
+    the same (row, document, image). `_check_pair_count_against_rule` holds the two together."""
+    _check_pair_count_against_rule()
+    return _count_pairs(layout)
+
+
+def _count_pairs(layout: TokenLayout) -> int:
     batch, seq = layout.modality.shape
     row = torch.arange(batch, device=layout.modality.device)[:, None].expand(batch, seq).reshape(-1)
     doc, img = layout.doc_ids.reshape(-1), layout.image_ids.reshape(-1)
@@ -136,6 +142,24 @@ def _attention_pairs(layout: TokenLayout) -> int:
     rank_img, size_img = _rank_in_group(row, doc, img)
     later_same_image = torch.where(img >= 0, size_img - 1 - rank_img, torch.zeros_like(rank_img))
     return int((rank_doc + 1).sum() + later_same_image.sum())
+
+
+@functools.cache
+def _check_pair_count_against_rule() -> None:
+    """Once per process: the closed form must agree with the mask rule itself on a small layout with every case
+    (packed documents, text between images, two adjacent images, a text-only row), so a change of the rule
+    cannot leave the FLOP count behind unnoticed."""
+    t, i = 0, IMAGE
+    modality = torch.tensor([[t, t, i, i, t, i, i, i, i, t, t, i, i, t], [t] * 14])
+    doc_ids = torch.tensor([[0] * 7 + [1] * 7, [0] * 5 + [1] * 9])
+    layout = TokenLayout.build(torch.zeros_like(modality), modality, doc_ids=doc_ids, tokens_per_image=2)
+    idx = torch.arange(modality.shape[1])
+    dense = sum(
+        int(hybrid_allowed(idx[:, None], idx[None, :], doc[:, None], doc[None, :], img[:, None], img[None, :]).sum())
+        for doc, img in zip(layout.doc_ids, layout.image_ids, strict=True)
+    )
+    if _count_pairs(layout) != dense:
+        raise NotImplementedError("flops: the attention pair count no longer follows kernels/mask_rule.py's rule")
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,14 @@ def build_optimizer(model: LlamaFusion, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, lr=cfg.lr_image, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
+def floor_ratio(cfg: OptimConfig) -> float:
+    """lr_min_image / lr_image: the fraction of its own peak lr that every group decays to."""
+    return cfg.lr_min_image / cfg.lr_image
+
+
 def lr_factor(step: int, cfg: OptimConfig) -> float:
-    """Multiplier of each group's peak lr: linear warmup, cosine decay to lr_min_image / lr_image, then flat."""
-    floor = cfg.lr_min_image / cfg.lr_image
+    """Multiplier of a group's peak lr: linear warmup to 1, cosine decay to `floor_ratio(cfg)`, then flat."""
+    floor = floor_ratio(cfg)
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps))
@@ -55,4 +60,13 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> LambdaLR:
+    """Warmup + cosine, with a floor per group: each group's lr is its own peak times `lr_factor`, so every group
+    decays to the same fraction lr_min_image / lr_image of its peak:
+
+        image  lr_image                  -> lr_min_image
+        text   lr_text                   -> lr_text * lr_min_image / lr_image
+        unet   lr_image * unet_lr_scale  -> lr_min_image * unet_lr_scale
+
+    lr_min_image is the image group's absolute floor, not every group's: as an absolute floor it would make a
+    text group whose peak lies below it rise during "decay", and pull the faster U-Nets down to the image rate."""
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

@@ -5,8 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from megafusion.config.schema import DataConfig
-from megafusion.data_pipeline.loader import LatentSequenceStream, build_loader
+from megafusion.data_pipeline.loader import LatentSequenceStream, LoaderSettings, build_loader
 from megafusion.data_pipeline.tokenizer import write_byte_level_tiktoken as write_byte_tiktoken
 from tests.data_pipeline.shard_helpers import make_latent_shards
 
@@ -17,7 +16,7 @@ def _stream(tmp_path, shards, rank=0, world=1, **cfg):
     tok = write_byte_tiktoken(tmp_path / "tokenizer.model")
     base = dict(max_len=64, shuffle_buffer=8, num_workers=2, seed=3)
     base.update(cfg)
-    return LatentSequenceStream(shards, tok, tokens_per_image=4, boi_id=BOI, eoi_id=EOI, cfg=DataConfig(**base),
+    return LatentSequenceStream(shards, tok, tokens_per_image=4, boi_id=BOI, eoi_id=EOI, cfg=LoaderSettings(**base),
                                 rank=rank, world_size=world)
 
 

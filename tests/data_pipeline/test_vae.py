@@ -113,6 +113,14 @@ def test_load_vae_accepts_a_pipeline_dir(tiny_vae, tmp_path):
     assert load_vae(tmp_path).config.latent_channels == 4
 
 
+def test_load_vae_in_another_dtype_stays_frozen(tiny_vae):
+    """The one loader serves `generate` too, which runs the VAE in the model's dtype."""
+    out, _ = tiny_vae
+    vae = load_vae(out, torch.bfloat16)
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+
+
 def test_cli_train_vae(tmp_path, capsys):
     args = ["--source", "demo:digits", "--out", str(tmp_path / "v"), "--resolution", "16", "--steps", "2"]
     assert main(["train-vae", *args, "--batch-size", "4", "--latent-channels", "2"]) == 0

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from megafusion.demo.pipeline import RUN_MARKER, _claim_out_dir, _drop_if_stale, choose_threads
+from megafusion.demo.data_prep import claim_out_dir
+from megafusion.demo.pipeline import choose_threads
 from megafusion.demo.report import read_metrics
+from megafusion.demo.runs import RUN_MARKER, drop_if_stale
 
 
 def _fake_vae(path, weights: bytes):
@@ -17,21 +19,21 @@ def _fake_vae(path, weights: bytes):
 
 
 def test_output_dir_holds_one_dataset(tmp_path):
-    _claim_out_dir(tmp_path, "digits")
-    _claim_out_dir(tmp_path, "digits")
+    claim_out_dir(tmp_path, "digits")
+    claim_out_dir(tmp_path, "digits")
     with pytest.raises(ValueError, match="holds the 'digits' demo"):
-        _claim_out_dir(tmp_path, "shapes")
+        claim_out_dir(tmp_path, "shapes")
 
 
 def test_run_trained_on_another_vae_is_dropped(tmp_path):
     vae, run, model = _fake_vae(tmp_path / "vae", b"one"), tmp_path / "run", tmp_path / "model"
-    _drop_if_stale(run, model, vae, progress=False)
+    drop_if_stale(run, model, vae, progress=False)
     (run / "metrics.jsonl").write_text("{}\n")
     model.mkdir()
-    _drop_if_stale(run, model, vae, progress=False)  # same VAE: kept
+    drop_if_stale(run, model, vae, progress=False)  # same VAE: kept
     assert (run / "metrics.jsonl").is_file() and model.is_dir()
     _fake_vae(vae, b"two")
-    _drop_if_stale(run, model, vae, progress=False)
+    drop_if_stale(run, model, vae, progress=False)
     assert not (run / "metrics.jsonl").exists() and not model.exists()
     assert (run / RUN_MARKER).is_file()
 

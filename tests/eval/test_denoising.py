@@ -6,8 +6,9 @@ import torch
 from megafusion.checkpoint.builtin_bases import resolve_base
 from megafusion.data_pipeline.tokenizer import load_tokenizer
 from megafusion.diffusion.schedule import DDPMSchedule
-from megafusion.eval.denoising import heldout_denoising, mismatched_captions
+from megafusion.eval.denoising import default_timesteps, heldout_denoising, mismatched_captions
 from megafusion.model import IMAGE, TEXT, LlamaFusion
+from megafusion.model.args import DiffusionArgs
 from tests.helpers import TINY_IMAGE, TINY_UNET
 
 
@@ -62,3 +63,16 @@ def test_losses_match_hand_built_documents(tiny):
     assert got["caption_gain"] == pytest.approx(got["loss_other_caption"] - got["loss_own_caption"])
     # A random image path still reads the text through shared attention: captions change the prediction.
     assert got["loss_own_caption"] != got["loss_other_caption"]
+
+
+def test_default_timesteps_follow_the_models_schedule(tiny):
+    """A model trained with T = 500 is scored at timesteps inside its schedule, never at 700 or 900."""
+    model, tok = tiny
+    assert default_timesteps(1000) == (100, 300, 500, 700, 900)
+    schedule = DDPMSchedule(DiffusionArgs(num_train_timesteps=500, beta_schedule="linear"))
+    latents = torch.randn(2, TINY_IMAGE.latent_channels, TINY_IMAGE.latent_size, TINY_IMAGE.latent_size)
+    with torch.no_grad():
+        got = heldout_denoising(model, tok, latents, ["a cat", "a dog"], [0, 1], schedule)
+    assert got["timesteps"] == [50, 150, 250, 350, 450]
+    with pytest.raises(ValueError, match=r"timesteps \[700\] are outside the schedule's \[0, 500\)"):
+        heldout_denoising(model, tok, latents, ["a cat", "a dog"], [0, 1], schedule, timesteps=(100, 700))

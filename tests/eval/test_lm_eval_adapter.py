@@ -88,6 +88,14 @@ def test_generate_until_matches_transformers_greedy(lm, base_lm):
         assert cut == out[: out.index(stop)]
 
 
+def test_tokenizer_must_start_documents_like_the_models_training(tmp_path):
+    model = LlamaFusion.from_llama(resolve_base("builtin:tiny-llama"), separation="deep")
+    model.document_prefix = [7]
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"starts documents with \[256\].*documents starting with \[7\]"):
+        MegaFusionLM(pretrained=str(tmp_path / "m"))
+
+
 @pytest.mark.slow
 def test_local_task_runs_through_lm_eval(fused_dir, tmp_path, monkeypatch):
     from megafusion.eval.cli import run_lm_eval

@@ -14,7 +14,7 @@ from megafusion.model import LlamaFusion
 def tiny():
     base = resolve_base("builtin:tiny-llama")
     tok = load_tokenizer(base)
-    prompts = [prompt_ids(base, tok, p) for p in PROMPTS[:2]]
+    prompts = [prompt_ids(tok, p) for p in PROMPTS[:2]]
     return base, tok, load_base_lm(base), prompts
 
 

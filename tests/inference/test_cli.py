@@ -62,7 +62,8 @@ def _fused_with(tiny_dirs, out, **attrs):
 def test_generate_reads_the_models_diffusion_settings_and_rejects_contradictions(tiny_dirs, tmp_path, capsys):
     model = _fused_with(tiny_dirs, tmp_path / "m500", diffusion_args=DiffusionArgs(500, "linear"))
     agreeing = tmp_path / "agree.yaml"
-    agreeing.write_text("diffusion:\n  num_train_timesteps: 500\n  beta_schedule: linear\n")
+    agreeing.write_text("diffusion:\n  num_train_timesteps: 500\n  beta_schedule: linear\n"
+                        "  image_first_max_timestep: 250\n")
     common = ["--model", model, "--prompt", "w3", "--steps", "2", "--seed", "0", "--no-cfg"]
     assert main(["generate", "image", *common, "--out", str(tmp_path / "a"), "--num-train-timesteps", "500",
                  "--config", str(agreeing)]) == 0
@@ -73,7 +74,8 @@ def test_generate_reads_the_models_diffusion_settings_and_rejects_contradictions
     assert "--num-train-timesteps 1000" in err and "num_train_timesteps 500" in err
 
     contradicting = tmp_path / "cosine.yaml"
-    contradicting.write_text("diffusion:\n  num_train_timesteps: 500\n")  # beta_schedule: the cosine default
+    # beta_schedule: the cosine default
+    contradicting.write_text("diffusion:\n  num_train_timesteps: 500\n  image_first_max_timestep: 250\n")
     assert main(["generate", "interleave", *common, "--out", str(tmp_path / "c"), "--config", str(contradicting)]) == 2
     err = capsys.readouterr().err
     assert "diffusion.beta_schedule is 'squaredcos_cap_v2'" in err and "beta_schedule 'linear'" in err

@@ -3,9 +3,10 @@ after image training with the text path frozen (lr_text = 0)."""
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from megafusion.config.schema import ImageConfig, OptimConfig, UNetConfig
+from megafusion.data_pipeline.tokenizer import load_tokenizer
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.inference.sampling import SamplingConfig
 from megafusion.inference.text import generate_tokens
@@ -39,7 +40,7 @@ def _train_image_path(model: LlamaFusion, caption: list[int], steps: int = 2) ->
 
 
 def test_greedy_generation_equals_transformers_before_and_after_image_training(smollm2_dir):
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok = load_tokenizer(smollm2_dir)
     prompts = [encode_prompt(tok, "What is the capital of France?", chat=True),
                encode_prompt(tok, "The three primary colours are", chat=False)]
     ref = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

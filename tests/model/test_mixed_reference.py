@@ -4,6 +4,10 @@ The reference takes only the weights from the model. Everything else it works ou
 the weight set each token uses (picked by the token's modality), the RoPE positions (restarting in each packed
 document), the paper's mask rule, GQA, RMSNorm and SwiGLU. It runs in float64. The model's U-Net down supplies
 the image tokens that enter layer 0; the U-Net is not under test here.
+
+Not observable here: restarting the positions at each document rather than continuing them. RoPE sees only
+position differences and the mask keeps attention inside a document, so shifting a document's positions by a
+constant leaves every output unchanged.
 """
 
 import math
@@ -28,7 +32,7 @@ ROWS = [
     [(TXT, 3, 0), (BOI, 1, 0), (IMG, N, 0), (EOI, 1, 0), (TXT, 2, 0),
      (BOI, 1, 1), (IMG, N, 1), (EOI, 1, 1), (TXT, 3, 1), (TXT, 4, 2)],
     [(BOI, 1, 0), (IMG, N, 0), (EOI, 1, 0), (TXT, 4, 0),
-     (TXT, 2, 1), (BOI, 1, 1), (IMG, N, 1), (EOI, 1, 1), (TXT, 1, 1), (BOI, 1, 1), (IMG, N, 1), (EOI, 1, 1)],
+     (TXT, 1, 1), (BOI, 1, 1), (IMG, N, 1), (EOI, 1, 1), (TXT, 1, 1), (BOI, 1, 1), (IMG, N, 1), (EOI, 1, 1)],
 ]
 
 
@@ -67,8 +71,8 @@ def _model(path, separation: str) -> LlamaFusion:
         # The image set starts as a copy of the text set. Perturb it so the test can tell the two apart.
         for module in model.modules():
             if isinstance(module, Routed) and module.separate:
-                for p in module.image.parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * p.abs().mean())
+                for p in module.image.parameters():  # every entry scaled by its own factor in ~[0.5, 1.5]
+                    p.mul_(1 + 0.25 * torch.randn(p.shape, generator=g))
         for p in (model.special_embed, model.special_head):  # BOI and EOI start as the same row
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
     return model
@@ -194,7 +198,10 @@ def test_mixed_forward_equals_per_token_reference(tmp_path, separation):
     got, ref = _run(model, separation, batch)
     for name in ("logits", "special_logits", "image_hidden", "noise_pred"):
         assert got[name].dtype == torch.float32
-        torch.testing.assert_close(got[name].double(), ref[name].double(), atol=1e-5, rtol=1e-5, msg=name)
+        # fp32 against float64: 1e-5 of the tensor's scale (image hidden states reach ~10, logits ~5).
+        scale = max(1.0, ref[name].abs().max().item())
+        diff = (got[name].double() - ref[name].double()).abs().max().item()
+        assert got[name].shape == ref[name].shape and diff <= 1e-5 * scale, f"{name}: max diff {diff:.3g}"
 
 
 def test_reference_mask_is_the_paper_rule_on_this_batch(tmp_path):
@@ -220,4 +227,6 @@ def test_reference_with_swapped_weight_sets_disagrees(tmp_path, separation):
     batch = _batch(model.arch.vocab_size)
     got, ref = _run(model, separation, batch, swap_sets=True)
     for name in ("logits", "special_logits", "image_hidden", "noise_pred"):
-        assert (got[name].double() - ref[name].double()).abs().max() > 1e-3, name
+        scale = max(1.0, ref[name].abs().max().item())
+        diff = (got[name].double() - ref[name].double()).abs().max().item()
+        assert diff > 1e-2 * scale, f"{name}: swapped sets differ by only {diff:.3g}"

@@ -5,7 +5,7 @@ import os
 import sys
 
 from megafusion.cli import main
-from megafusion.training.checkpointing import CheckpointManager
+from megafusion.training.run_checkpoints import CheckpointManager
 
 CRASH_STEP = int(os.environ["MEGAFUSION_TEST_CRASH_STEP"])
 _save_checkpoint = None

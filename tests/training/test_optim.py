@@ -90,3 +90,19 @@ def test_unet_lr_scale_gives_the_unets_their_own_rate(tmp_path):
     assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
     with pytest.raises(ValueError, match="unet_lr_scale"):
         OptimConfig(unet_lr_scale=0.0)
+
+
+def test_each_group_decays_to_its_own_floor(tmp_path):
+    """lr_min_image is the image group's floor; the text group and the U-Nets keep the same ratio to their peaks."""
+    model = _model(tmp_path)
+    cfg = OptimConfig(lr_text=1e-5, lr_image=1e-4, lr_min_image=2e-5, unet_lr_scale=4.0, warmup_steps=2,
+                      total_steps=10)
+    opt = build_optimizer(model, cfg)
+    sched = build_lr_scheduler(opt, cfg)
+    for _ in range(12):  # past total_steps: the floor holds
+        opt.step()
+        sched.step()
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["image"] == pytest.approx(2e-5) and lrs["image_no_decay"] == pytest.approx(2e-5)
+    assert lrs["text"] == pytest.approx(1e-5 * 2e-5 / 1e-4) and lrs["text_no_decay"] == lrs["text"]
+    assert lrs["unet"] == pytest.approx(4 * 2e-5) and lrs["unet_no_decay"] == lrs["unet"]

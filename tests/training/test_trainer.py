@@ -13,8 +13,8 @@ import torch
 
 from megafusion.config import load_config
 from megafusion.model import LlamaFusion
-from megafusion.training.checkpointing import CheckpointManager
-from megafusion.training.trainer import prepare_run
+from megafusion.training.run_checkpoints import CheckpointManager
+from megafusion.training.run_setup import prepare_run
 from tests.distributed import REPO, cpu_env, megafusion_command, run_distributed
 
 pytestmark = pytest.mark.slow

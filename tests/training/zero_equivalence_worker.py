@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megafusion.config import load_config
 from megafusion.model import LlamaFusion
-from megafusion.training.trainer import forward_backward, setup_training
+from megafusion.training.run_setup import forward_backward, setup_training
 
 STEPS, GLOBAL_BATCH = 4, 2
 

@@ -1,4 +1,4 @@
-"""Resumable training checkpoints on top of DeepSpeed's.
+"""Resumable run checkpoints on top of DeepSpeed's (base-model and exported-model files are `megafusion.checkpoint`).
 
 Layout: <dir>/step-00000100/ (DeepSpeed files for the trainable parameters, optimizer and LR scheduler, plus
 rank<r>.pt with that rank's loader state and RNG states, then COMPLETE) and <dir>/latest naming the newest
@@ -9,7 +9,6 @@ checkpoint records the base model's path and a hash of its weight files, verifie
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import shutil
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megafusion.common.atomic import write_text_atomic
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -99,9 +100,7 @@ class CheckpointManager:
         _barrier()
         if self.rank == 0:
             (target / COMPLETE).write_text(f"{step}\n")
-            tmp = self.dir / f".{LATEST}.tmp"
-            tmp.write_text(tag + "\n")
-            os.replace(tmp, self.dir / LATEST)
+            write_text_atomic(self.dir / LATEST, tag + "\n")
             self._prune(keep=tag)
         _barrier()
         return tag

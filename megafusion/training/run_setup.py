@@ -1,0 +1,147 @@
+"""Everything before the first training step: cheap validation of the run config (before any work), the process
+group, the model with its frozen text path, the DeepSpeed engine around it, and the data loader."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from megafusion.config.schema import DataConfig, MegaFusionConfig
+from megafusion.data_pipeline.loader import LatentSequenceStream, LoaderSettings, build_loader
+from megafusion.diffusion.schedule import DDPMSchedule
+from megafusion.model.fusion import LlamaFusion
+from megafusion.training.objective import TransfusionObjective
+from megafusion.training.optim import build_lr_scheduler, build_optimizer
+from megafusion.training.parallelize import (
+    apply_layer_checkpointing,
+    deepspeed_config,
+    register_zero3_external_parameters,
+)
+from megafusion.training.step import LossModule, TrainStep
+
+
+@dataclass
+class RunContext:
+    base: Path
+    shards: Path
+    tokenizer: Path
+    output_dir: Path
+    max_steps: int
+
+
+def tokenizer_path(data_tokenizer: str, base: Path) -> Path:
+    """`data.tokenizer`, or the base model's directory when it is empty."""
+    return Path(data_tokenizer) if data_tokenizer else (base if base.is_dir() else base.parent)
+
+
+def prepare_run(cfg: MegaFusionConfig) -> RunContext:
+    """All cheap validation, before any model is built; errors name the config key."""
+    from megafusion.checkpoint.builtin_bases import resolve_base
+    from megafusion.checkpoint.fetch_base import default_cache_dir
+    from megafusion.data_pipeline.shard_format import read_index
+    from megafusion.data_pipeline.shard_specs import resolve_shards
+
+    if not cfg.model.base:
+        raise ValueError("model.base: required (an HF Llama dir, a .gguf file, builtin:tiny-llama or smollm2-135m)")
+    if not cfg.data.shards:
+        raise ValueError("data.shards: required (a directory written by `megafusion precompute-latents`)")
+    base = resolve_base(cfg.model.base)
+    shards = resolve_shards(cfg.data.shards, default_cache_dir())
+    index = read_index(shards)
+    expected = [cfg.image.latent_channels, cfg.image.latent_size, cfg.image.latent_size]
+    if list(index["latent_shape"]) != expected:
+        raise ValueError(
+            f"{shards}/index.json: latents are {index['latent_shape']}, but image.latent_channels/latent_size "
+            f"say {expected}"
+        )
+    max_steps = cfg.train.max_steps or cfg.optim.total_steps
+    deepspeed_config(cfg.train)  # raises on a bad or inconsistent DeepSpeed JSON
+    if cfg.train.zero_stage == 3 and cfg.model.routing == "triton":
+        # The grouped GEMM reads both weight sets directly; ZeRO-3 gathers a weight only when its module is called.
+        raise ValueError("model.routing: 'triton' does not work with train.zero_stage=3; use routing 'index' or 'auto'")
+    return RunContext(base, shards, tokenizer_path(cfg.data.tokenizer, base), Path(cfg.train.output_dir), max_steps)
+
+
+def _init_distributed() -> tuple[int, int]:
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain single-process run: give DeepSpeed a one-rank group
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass
+class TrainingSetup:
+    cfg: MegaFusionConfig
+    ctx: RunContext
+    rank: int
+    world: int
+    model: LlamaFusion
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+
+
+def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
+    """Validates, joins the process group, builds the model with its frozen text path and the DeepSpeed engine."""
+    import deepspeed
+
+    from megafusion.data_pipeline.tokenizer import load_tokenizer
+
+    ctx = prepare_run(cfg)
+    rank, world = _init_distributed()
+    torch.manual_seed(cfg.train.seed)  # identical U-Net init on every rank
+    model = LlamaFusion.from_llama(ctx.base, cfg.model.separation, cfg.image, cfg.unet,
+                                   attention=cfg.model.attention, routing=cfg.model.routing)
+    tok = load_tokenizer(ctx.tokenizer)
+    if tok.vocab_size > model.arch.vocab_size:
+        raise ValueError(f"data.tokenizer {ctx.tokenizer}: {tok.vocab_size} tokens exceed the model's "
+                         f"vocabulary of {model.arch.vocab_size}")
+    # Carried into every export, so sampling and evaluation use what training used.
+    model.diffusion_args = cfg.diffusion.args()
+    model.document_prefix = list(tok.prefix_ids)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim)
+    if cfg.train.activation_checkpointing:
+        apply_layer_checkpointing(model)
+    objective = TransfusionObjective(DDPMSchedule(cfg.diffusion), cfg.diffusion.loss_weight)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=LossModule(model, objective), optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg.train),
+    )
+    if engine.zero_optimization_stage() == 3:
+        register_zero3_external_parameters(model)
+    return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer,
+                         TrainStep(engine, cfg.image.tokens_per_image))
+
+
+def forward_backward(engine: Any, batch: dict[str, Any],
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One micro-step on an engine built by `setup_training`, for scripts that hold only the engine: (loss,
+    [lm_loss, diffusion_loss]), or None when the batch was dropped as non-finite. The loop uses `TrainStep`."""
+    step = TrainStep(engine, engine.module.model.image_config.tokens_per_image)
+    result = step(batch, generator)
+    return None if result is None else (result.loss, torch.stack((result.lm_loss, result.diffusion_loss)))
+
+
+def build_train_loader(run: TrainingSetup) -> StatefulDataLoader:
+    """This rank's stream of packed sequences, batched by train.micro_batch_size."""
+    cfg, model = run.cfg, run.model
+    stream = LatentSequenceStream(run.ctx.shards, run.ctx.tokenizer, cfg.image.tokens_per_image, model.boi_id,
+                                  model.eoi_id, loader_settings(cfg.data), rank=run.rank, world_size=run.world)
+    return build_loader(stream, cfg.train.micro_batch_size)
+
+
+def loader_settings(data: DataConfig) -> LoaderSettings:
+    """The loader's plain settings from the run config's `data` section (same field names)."""
+    return LoaderSettings(**{f.name: getattr(data, f.name) for f in fields(LoaderSettings)})
