@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_demo_parser(sub)
     add_ablate_parser(sub)
+    # A stub: its options are parsed by megafusion.training.plan, whose import (torch) stays out of --help.
+    sub.add_parser("plan", add_help=False, help="per-GPU memory of a config for each parallel layout (plan -h)")
     return parser
 
 
@@ -162,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             from megafusion.demo.cli import run_ablate_command, run_demo_command
 
             return (run_demo_command if args.command == "demo" else run_ablate_command)(args, rest)
+        if args.command == "plan":  # extra --section.key=value args override the run config
+            from megafusion.training.plan import run_plan_command
+
+            return run_plan_command(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "precompute-latents":

@@ -16,30 +16,18 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+# torch, the model and the parallel engine are imported inside the functions: `megafusion --help` builds every
+# subcommand's parser, and the CLI keeps that cheap (megafusion/inference/cli.py does the same).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-from megafusion.config import MegaFusionConfig, load_config
-from megafusion.model.arch import LlamaArch
-from megafusion.model.block import SEPARATED_PARTS
-from megafusion.model.fusion import NUM_SPECIAL_TOKENS, LlamaFusion
-from megafusion.parallel.memory import (
-    GIB,
-    LOGITS_BYTES,
-    ActivationShape,
-    Estimate,
-    Layout,
-    ModelParams,
-    ParamSplit,
-    candidate_layouts,
-    estimate,
-    layer_bytes_per_token,
-    recommend,
-    tp_degrees,
-)
-from megafusion.parallel.mesh import MeshLayout, check_parallel_support
+    from megafusion.config import MegaFusionConfig
+    from megafusion.model.arch import LlamaArch
+    from megafusion.model.fusion import LlamaFusion
+    from megafusion.parallel.memory import ActivationShape, Estimate, Layout, ModelParams
 
 # HF config.json values of the bases a plan can name without having the checkpoint (the paper configs point
 # model.base at directories that exist only on a cluster). Copied from each model's config.json on the Hub.
@@ -74,6 +62,8 @@ def resolve_arch(cfg: MegaFusionConfig, arch: str | None = None) -> tuple[LlamaA
     """The architecture to plan for and where it came from: `arch` (a preset name or an HF directory /
     config.json), else model.base when it is a preset, a builtin, a directory with a config.json, or a path that
     does not exist here whose last component is a preset's Hub name (PRESET_ALIASES)."""
+    from megafusion.model.arch import LlamaArch
+
     spec = arch or cfg.model.base
     where = "--arch" if arch else "model.base"
     if spec in ARCH_PRESETS:
@@ -112,6 +102,8 @@ def _tp_sharded(name: str, param: nn.Parameter, tied: bool) -> bool:
 
 def count_parameters(model: LlamaFusion, train_text: bool) -> ModelParams:
     """Exact per-category counts of `model` (meta tensors are fine: only shapes are read)."""
+    from megafusion.parallel.memory import ModelParams, ParamSplit
+
     tied = model.lm_head is None
     blocks: dict[str, ParamSplit] = {}
     root = ParamSplit()
@@ -138,6 +130,8 @@ def count_parameters(model: LlamaFusion, train_text: bool) -> ModelParams:
 def _saved_activation_bytes(module: nn.Module, run: Callable[[], Any]) -> int:
     """Bytes of the tensors autograd saves for backward while `run` executes, parameters excluded, each storage
     once (a saved view keeps its whole base alive)."""
+    import torch
+
     params = {id(p) for p in module.parameters()}
     kept: dict[int, torch.Tensor] = {}
 
@@ -153,8 +147,12 @@ def _saved_activation_bytes(module: nn.Module, run: Callable[[], Any]) -> int:
     return sum(t.numel() * t.element_size() for t in kept.values())
 
 
-def unet_activation_bytes(model: LlamaFusion, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Saved activations of U-Net down + up for one image, measured by a forward on the meta device."""
+def unet_activation_bytes(model: LlamaFusion, dtype: torch.dtype | None = None) -> int:
+    """Saved activations of U-Net down + up for one image (bf16 unless `dtype`), measured by a forward on the
+    meta device."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
     image = model.image_config
     down, up = model.unet_down.to(dtype), model.unet_up.to(dtype)
     with torch.device("meta"):
@@ -167,6 +165,10 @@ def unet_activation_bytes(model: LlamaFusion, dtype: torch.dtype = torch.bfloat1
 
 
 def activation_shape(cfg: MegaFusionConfig, arch: LlamaArch, unet_bytes_per_image: float) -> ActivationShape:
+    from megafusion.model.block import SEPARATED_PARTS
+    from megafusion.model.fusion import NUM_SPECIAL_TOKENS
+    from megafusion.parallel.memory import ActivationShape
+
     parts = SEPARATED_PARTS[cfg.model.separation]
     train_text = text_trainable(cfg)
     return ActivationShape(
@@ -204,7 +206,7 @@ class Plan:
 
     @property
     def budget(self) -> float:
-        return self.gpu_memory_gib * GIB * (1 - self.margin)
+        return self.gpu_memory_gib * 2**30 * (1 - self.margin)
 
 
 def build_plan(
@@ -219,6 +221,12 @@ def build_plan(
     gpus_per_node: int = GPUS_PER_NODE,
     margin: float = DEFAULT_MARGIN,
 ) -> Plan:
+    import torch
+
+    from megafusion.model.fusion import LlamaFusion
+    from megafusion.parallel.memory import candidate_layouts, estimate, recommend, tp_degrees
+    from megafusion.parallel.mesh import MeshLayout, check_parallel_support
+
     if num_gpus < 1:
         raise ValueError(f"--gpus: must be >= 1, got {num_gpus}")
     if gpu_memory_gib <= 0:
@@ -274,6 +282,8 @@ def _overrides(layout: Layout, checkpointing: bool) -> str:
 
 
 def format_plan(plan: Plan) -> str:
+    from megafusion.parallel.memory import GIB, LOGITS_BYTES, layer_bytes_per_token
+
     p, s, arch = plan.params.total, plan.shape, plan.arch
     frozen_note = "text trainable (optim.lr_text > 0)" if p.frozen == 0 else "text frozen (optim.lr_text = 0)"
     image_parts = ", ".join(f"{k} {_b(v)}" for k, v in plan.image_group.items() if v)
@@ -324,15 +334,14 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  run-config overrides (any launcher): {_overrides(best.layout, ckpt)}")
         per_token = (best.activations.total_checkpointed if ckpt else best.activations.total) / plan.tokens
         most = int((plan.budget - best.states.total) / per_token)
-        lines.append(f"  this layout fits up to {most} tokens per micro-batch per data-parallel rank; larger "
-                     "micro-batches amortise the per-micro-step collectives better")
+        lines.append(f"  with this layout a micro-batch of up to {most} tokens per data-parallel rank fits the budget")
     return "\n".join(lines)
 
 
-def add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="per-GPU memory of a config for each parallel layout, and the layout to use")
-    p.add_argument("--config", required=True, help="YAML run config (path or packaged name); --section.key=value "
-                   "overrides apply")
+def plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megafusion plan", description=__doc__.split("\n\n")[0],
+                                epilog="Any --section.key=value after these overrides the run config.")
+    p.add_argument("--config", required=True, help="YAML run config (path or packaged name)")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU in GiB (H100 80GB: 80)")
     p.add_argument("--micro-batch-tokens", type=int, default=None,
@@ -346,9 +355,18 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE, help="tensor parallel stays inside a node")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help="share of GPU memory kept free for what the estimate leaves out (default 0.1)")
+    return p
 
 
-def run_plan_command(args: argparse.Namespace, overrides: list[str]) -> int:
+def run_plan_command(argv: list[str]) -> int:
+    """`megafusion plan ARGS`: the options above, then run-config overrides."""
+    from megafusion.config import load_config
+
+    parser = plan_parser()
+    args, overrides = parser.parse_known_args(argv)
+    stray = [a for a in overrides if not a.startswith("--") or "." not in a.split("=")[0]]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
     cfg = load_config(args.config, overrides)
     plan = build_plan(
         cfg, args.gpus, args.gpu_memory_gb, config_name=args.config, arch=args.arch,
