@@ -13,15 +13,15 @@ per-parameter bytes are those of DeepSpeed's own estimators (runtime/zero/stage_
 with F = 0 the totals equal `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`
 (no offload), which tests/training/test_plan.py checks:
 
-    stage | frozen | weights | grads              | optimizer | gathered
-    0     | 2F     | 2T      | 2T + 4T            | 12T       | -          (bf16 grads + the fp32 flat copy the
-    1     | 2F     | 2T      | 2T + 4T/N          | 12T/N     | -           optimizer steps on; fp32 master +
-    2     | 2F     | 2T      | (2 + 4)T/N         | 12T/N     | -           Adam m and v)
-    3     | 2F/N   | 2T/N    | 4T/N               | 12T/N     | 4L          (DeepSpeed budgets 18 bytes per
-                                                                             partitioned parameter and 4 bytes per
-                                                                             parameter of the largest module it
-                                                                             gathers; frozen weights are
-                                                                             partitioned too)
+    stage | frozen | weights | grads       | optimizer | gathered
+    0     | 2F     | 2T      | (2 + 4)T    | 12T       | -
+    1     | 2F     | 2T      | 2T + 4T/N   | 12T/N     | -
+    2     | 2F     | 2T      | (2 + 4)T/N  | 12T/N     | -
+    3     | 2F/N   | 2T/N    | 4T/N        | 12T/N     | 4L
+
+grads: the bf16 gradients (2) and the fp32 copy the optimizer steps on (4); optimizer: fp32 master + Adam m and v
+(12). ZeRO-3 partitions frozen weights too; DeepSpeed budgets it 18 bytes per partitioned trainable parameter and
+4 bytes per parameter of the largest module, which it gathers whole.
 
 Torch engine (megafusion.parallel: tp x FSDP2 full shard over dp = N / tp), torchtitan's mixed precision:
 trainable parameters are stored sharded in fp32 (they are the master copy), gathered in bf16 for compute,
@@ -51,10 +51,14 @@ set does not (its input gradient needs only the weight); everything else is save
         attention 2(q + kv) (Q and K after RoPE) + 2(q + 2kv) (the Q/K/V buffer V is a view of)
                   + 2q (output) + 4a (log-sum-exp), as a FlashAttention-type kernel saves them (no S x S)
         O input 2q                                 (if any row's O set is trainable: one grouped tensor)
-    per token, attention `sdpa` only: 2S, the S x S bf16 mask bias its memory-efficient kernel keeps per layer.
+    per token, attention `sdpa` with images present (text alone runs causal, maskless): 2S, the S x S bf16 mask
+        bias its memory-efficient kernel keeps per layer
+        (attention `triton` / `auto` on CUDA keeps none; should PyTorch pick its math kernel instead, it also keeps
+        the S x S probabilities of every head, and this estimate is far too low).
 
-For Llama-3 8B (h = q = 4096, kv = 1024, f = 14336, a = 32) that is 214 KiB for an image token (trainable set) and
-154 KiB for a frozen text token per layer, against Megatron's 34h = 136 KiB for a GPT layer with a 4h MLP.
+For Llama-3 8B (h = q = 4096, kv = 1024, f = 14336, a = 32) in a micro-batch of text and images, without the sdpa
+term, that is 214 KiB for an image token (trainable set) and 154 KiB for a frozen text token per layer, against
+Megatron's 34h = 136 KiB for a GPT layer with a 4h MLP.
 
 With activation checkpointing (per FusionBlock) each layer keeps only its input, 2h per token (Megatron's 2sbh
 per layer for full recomputation), and backward recomputes one layer at a time. Not checkpointed: the U-Nets
@@ -141,7 +145,7 @@ class Layout:
     def name(self) -> str:
         if self.engine == "deepspeed":
             return f"deepspeed zero-{self.zero_stage} dp{self.dp}"
-        return f"torch tp{self.tp} x fsdp{self.dp}"
+        return f"torch tp{self.tp} x fsdp{self.dp}" if self.dp > 1 else f"torch tp{self.tp}"
 
     @property
     def overrides(self) -> str:
@@ -256,7 +260,7 @@ def shared_bytes(shape: ActivationShape, image_fraction: float, tp: int = 1) -> 
     o_trainable = (image_fraction < 1 and shape.text_attn_trainable) or (
         image_fraction > 0 and shape.image_attn_trainable) or (shape.grouped_gemm and tp == 1)
     sharded = attention + (b * q if o_trainable else 0)
-    mask = b * shape.seq_len if shape.dense_mask else 0
+    mask = b * shape.seq_len if shape.dense_mask and image_fraction > 0 else 0
     return sharded / tp + mask
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,13 +283,14 @@ def _overrides(layout: Layout, checkpointing: bool) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    from megafusion.parallel.memory import GIB, LOGITS_BYTES, layer_bytes_per_token
+    from megafusion.parallel.memory import GIB, LOGITS_BYTES, row_bytes, shared_bytes
 
     p, s, arch = plan.params.total, plan.shape, plan.arch
     frozen_note = "text trainable (optim.lr_text > 0)" if p.frozen == 0 else "text frozen (optim.lr_text = 0)"
     image_parts = ", ".join(f"{k} {_b(v)}" for k, v in plan.image_group.items() if v)
     images = plan.tokens * plan.image_fraction / s.tokens_per_image
     seqs = plan.tokens / s.seq_len
+    shared = shared_bytes(s, plan.image_fraction)
     lines = [
         f"megafusion plan: {plan.config or 'config'} on {plan.num_gpus} GPUs x {plan.gpu_memory_gib:g} GiB "
         f"({plan.gpus_per_node} per node); budget {plan.budget / GIB:.1f} GiB per GPU ({plan.margin:.0%} margin)",
@@ -300,8 +302,8 @@ def format_plan(plan: Plan) -> str:
         f"activations: {plan.tokens} tokens per micro-batch per data-parallel rank ({seqs:g} x {s.seq_len}), "
         f"{plan.image_fraction:.0%} image tokens ({images:g} images of {s.tokens_per_image}), attention "
         f"{plan.cfg.model.attention}",
-        f"  saved per layer at tp1: {layer_bytes_per_token(s, 1.0) / 1024:.0f} KiB per image token, "
-        f"{layer_bytes_per_token(s, 0.0) / 1024:.0f} KiB per text token, {s.act_bytes * s.hidden / 1024:.0f} KiB "
+        f"  saved per layer at tp1: {(row_bytes(s, True) + shared) / 1024:.0f} KiB per image token, "
+        f"{(row_bytes(s, False) + shared) / 1024:.0f} KiB per text token, {s.act_bytes * s.hidden / 1024:.0f} KiB "
         f"with checkpointing; U-Nets {s.unet_bytes_per_image / 2**20:.0f} MiB per image; loss "
         f"{LOGITS_BYTES * s.vocab / 2**20:.2f} MiB per text token",
     ]
@@ -319,6 +321,11 @@ def format_plan(plan: Plan) -> str:
             f"{act.total_checkpointed / GIB:>7.1f} |{e.total / GIB:>7.1f}{e.total_checkpointed / GIB:>7.1f} | "
             f"{e.fits(plan.budget)}"
         )
+    lines += textwrap.wrap(
+        "frozen: bf16 frozen weights; weights: trainable ones (bf16 on DeepSpeed, the fp32 sharded master on the torch "
+        "engine); grads: bf16 + fp32 (DeepSpeed) or fp32 shards; optim: fp32 master + Adam m, v (DeepSpeed) or Adam "
+        "m, v; gather: ZeRO-3 / FSDP2 parameters gathered for compute; +ckpt: with activation checkpointing; fits: "
+        "yes / ckpt (only with checkpointing) / no", width=len(head))
     lines.append("")
     if plan.recommended is None:
         lines.append(f"recommended: nothing fits {plan.budget / GIB:.1f} GiB per GPU; use more GPUs, fewer "
@@ -328,13 +335,15 @@ def format_plan(plan: Plan) -> str:
         used = best.total_checkpointed if ckpt else best.total
         lines.append(
             f"recommended: {best.layout.name}, {'with' if ckpt else 'no'} activation checkpointing: "
-            f"{used / GIB:.1f} of {plan.budget / GIB:.1f} GiB per GPU (rule: fewest tensor-parallel ranks, then "
-            "no recomputation, then the least sharding; megafusion/parallel/memory.py)"
+            f"{used / GIB:.1f} of {plan.budget / GIB:.1f} GiB per GPU"
         )
+        lines.append("  rule: fewest tensor-parallel ranks, then no recomputation, then the least sharding "
+                     "(megafusion/parallel/memory.py)")
         lines.append(f"  run-config overrides (any launcher): {_overrides(best.layout, ckpt)}")
         per_token = (best.activations.total_checkpointed if ckpt else best.activations.total) / plan.tokens
         most = int((plan.budget - best.states.total) / per_token)
-        lines.append(f"  with this layout a micro-batch of up to {most} tokens per data-parallel rank fits the budget")
+        lines.append(f"  with this layout a micro-batch of up to {most} tokens ({most // s.seq_len} x {s.seq_len}) per "
+                     "data-parallel rank fits the budget")
     return "\n".join(lines)
 
 

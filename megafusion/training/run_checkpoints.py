@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megafusion.common.atomic import write_text_atomic
+from megafusion.common.atomic import remove_stale_tmp, write_text_atomic
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -100,6 +100,7 @@ class CheckpointManager:
         _barrier()
         if self.rank == 0:
             (target / COMPLETE).write_text(f"{step}\n")
+            remove_stale_tmp(self.dir / LATEST)  # left by a run killed while it wrote `latest`
             write_text_atomic(self.dir / LATEST, tag + "\n")
             self._prune(keep=tag)
         _barrier()
