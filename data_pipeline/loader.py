@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".set_vital. is deprecated")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoaderSettings:
     """How the stream packs and orders documents (the run config's `data` section fills it; defaults as there)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megafusion.data_pipeline.loader import LoaderSettings
 from megafusion.model.args import (
     ATTENTION_CHOICES,
     BETA_SCHEDULES,
@@ -114,29 +115,15 @@ class OptimConfig:
 
 
 @dataclass
-class DataConfig:
-    """The streaming loader over precomputed latent shards (see data_pipeline/loader.py)."""
+class DataConfig(LoaderSettings):
+    """The streaming loader over precomputed latent shards: where they are, the tokenizer, and the loader's own
+    settings (max_len, caption_first_prob, shuffle_buffer, seed, num_workers, resample_shards: see
+    data_pipeline/loader.py LoaderSettings, which validates them)."""
 
     # Directory written by `megafusion precompute-latents` (holds index.json and shard-*.tar).
     shards: str = ""
     # Tokenizer directory or file; empty means the base model's directory.
     tokenizer: str = ""
-    max_len: int = 4096
-    caption_first_prob: float = 0.8
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    num_workers: int = 2
-    # With fewer shards than ranks x workers: False stops with an error, True samples shards with replacement.
-    resample_shards: bool = False
-
-    def __post_init__(self) -> None:
-        _require(self.max_len > 1, f"max_len: must be > 1, got {self.max_len}")
-        _require(
-            0.0 <= self.caption_first_prob <= 1.0,
-            f"caption_first_prob: must be in [0, 1], got {self.caption_first_prob}",
-        )
-        _require(self.shuffle_buffer >= 1, f"shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
-        _require(self.num_workers >= 0, f"num_workers: must be >= 0, got {self.num_workers}")
 
 
 @dataclass

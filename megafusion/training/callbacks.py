@@ -104,17 +104,18 @@ def _all_reduce(values: list[float], op: Any = dist.ReduceOp.SUM) -> list[float]
 
 
 class StepMetrics(Callback):
-    """Per-step record (rank-summed, then averaged over the global batch's micro-batches) written by `logger`
-    every `log_every` steps and at the last step: losses, lr per group, grad norm, tokens/s, TFLOP/s, MFU,
+    """Per-step record (losses normalised by the global batch's token counts, as they were optimised) written by
+    `logger` every `log_every` steps and at the last step: losses, lr per group, grad norm, tokens/s, TFLOP/s, MFU,
     peak memory and the guard's count of dropped micro-batches. The FLOPs of a micro-batch are counted on the
     layout the step ran on."""
 
     def __init__(self, logger: MetricsLogger, model: LlamaFusion, engine: Any, optimizer: torch.optim.Optimizer,
                  guard: NonFiniteGuard, *, world: int, grad_accum_steps: int, log_every: int, max_steps: int,
-                 text_trainable: bool, peak_tflops: float) -> None:
+                 text_trainable: bool, peak_tflops: float, loss_weight: float) -> None:
         self.logger, self.model, self.engine, self.optimizer, self.guard = logger, model, engine, optimizer, guard
         self.world, self.grad_accum_steps, self.peak_tflops = world, grad_accum_steps, peak_tflops
         self.log_every, self.max_steps, self.text_trainable = log_every, max_steps, text_trainable
+        self.loss_weight = loss_weight
         self.last_record: dict[str, Any] = {}
         self.logged = False  # whether the step that just ended was logged
         self._start = time.perf_counter()
@@ -122,7 +123,8 @@ class StepMetrics(Callback):
 
     @staticmethod
     def _zero() -> dict[str, float]:
-        return dict.fromkeys(("loss", "lm", "diff", "text_tokens", "image_tokens", "flops"), 0.0)
+        return dict.fromkeys(("lm_sum", "text_targets", "diff_sum", "latent_elements", "text_tokens", "image_tokens",
+                              "flops"), 0.0)
 
     def on_step_start(self, step: int) -> None:
         self._start = time.perf_counter()
@@ -136,9 +138,10 @@ class StepMetrics(Callback):
         flops = count_step_flops(self.model, layout, result.num_text_targets, self.text_trainable, needs_grad)
         s = self._sums
         s["flops"] += flops.total
-        s["loss"] += result.loss.item()
-        s["lm"] += result.lm_loss.item()
-        s["diff"] += result.diffusion_loss.item()
+        s["lm_sum"] += result.lm_loss_sum.item()
+        s["text_targets"] += result.num_text_targets
+        s["diff_sum"] += result.diffusion_loss_sum.item()
+        s["latent_elements"] += result.num_latent_elements
         s["text_tokens"] += int((~is_image & (batch["labels"] != -100)).sum())
         s["image_tokens"] += int(is_image.sum())
 
@@ -148,19 +151,21 @@ class StepMetrics(Callback):
             return
         elapsed = _all_reduce([time.perf_counter() - self._start], dist.ReduceOp.MAX)[0]
         s = self._sums
-        g = _all_reduce([s["loss"], s["lm"], s["diff"], s["text_tokens"], s["image_tokens"], s["flops"]])
-        n = self.grad_accum_steps * self.world
-        tflops = g[5] / elapsed / 1e12
+        keys = ("lm_sum", "text_targets", "diff_sum", "latent_elements", "text_tokens", "image_tokens", "flops")
+        g = dict(zip(keys, _all_reduce([s[k] for k in keys]), strict=True))
+        lm_loss = g["lm_sum"] / g["text_targets"] if g["text_targets"] else 0.0
+        diffusion_loss = g["diff_sum"] / g["latent_elements"] if g["latent_elements"] else 0.0
+        tflops = g["flops"] / elapsed / 1e12
         self.last_record = {
             "step": step,
-            "loss": g[0] / n,
-            "lm_loss": g[1] / n,
-            "diffusion_loss": g[2] / n,
+            "loss": lm_loss + self.loss_weight * diffusion_loss,
+            "lm_loss": lm_loss,
+            "diffusion_loss": diffusion_loss,
             **{f"lr_{grp['name']}": grp["lr"] for grp in self.optimizer.param_groups
                if not grp["name"].endswith("_no_decay")},
             "grad_norm": _grad_norm(self.engine),
-            "text_tokens_per_s": g[3] / elapsed,
-            "image_tokens_per_s": g[4] / elapsed,
+            "text_tokens_per_s": g["text_tokens"] / elapsed,
+            "image_tokens_per_s": g["image_tokens"] / elapsed,
             "step_time_s": elapsed,
             "tflops": tflops,
             "mfu": tflops / (self.peak_tflops * self.world) if self.peak_tflops else None,

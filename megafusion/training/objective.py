@@ -1,9 +1,10 @@
 """L = L_LM + lambda * L_DDPM (Transfusion eq. 4): next-token CE on text, noise-prediction MSE on latents.
 
 The objective reports each term as a SUM with its COUNT (CE summed over the text targets, squared error summed over
-the latent elements), so a caller can normalise over any set of micro-batches (e.g. the global batch). `loss` is
-the per-micro-batch mean objective, lm_sum / num_text_targets + lambda * mean squared error, which is what the
-trainer backpropagates."""
+the latent elements). With a `LossNormalizer` (what training uses) `loss` is normalised by the GLOBAL counts (all
+accumulation micro-batches, all data-parallel ranks): L = sum CE / N_text + lambda * sum SE / N_latent, so a
+gradient never depends on how documents happened to pack into micro-batches. Without one, `loss` is this
+micro-batch's mean objective (inference-style callers, tests)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,32 @@ from megafusion.model.fusion import LlamaFusion
 from megafusion.model.layout import IMAGE, TokenLayout
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LossNormalizer:
+    """Global denominators of one optimizer step. `scale` undoes the engine's own averaging: DeepSpeed divides the
+    loss by the accumulation steps and averages gradients over data-parallel ranks, so it is their product there."""
+
+    num_text_targets: float
+    num_latent_elements: float
+    scale: float = 1.0
+
+    def loss(self, lm_sum: torch.Tensor, diffusion_sum: torch.Tensor, loss_weight: float) -> torch.Tensor:
+        # An empty term (no text targets, or no image, anywhere in the global batch) contributes zero.
+        lm = lm_sum / self.num_text_targets if self.num_text_targets else lm_sum * 0.0
+        diff = diffusion_sum / self.num_latent_elements if self.num_latent_elements else diffusion_sum * 0.0
+        return (lm + loss_weight * diff) * self.scale
+
+
+def count_loss_terms(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(text targets, latent elements) of a collated micro-batch, before any forward: what the objective will sum
+    over. A target counts where the position is a text token with a next-token target (the LM head runs on text
+    rows only)."""
+    targets = next_token_targets(batch["input_ids"], batch["modality"], batch.get("doc_ids"), batch.get("labels"))
+    num_targets = int(((targets != IGNORE_INDEX) & (batch["modality"] != IMAGE)).sum())
+    latents = batch.get("latents")
+    return num_targets, 0 if latents is None else int(latents.numel())
 
 
 @dataclass
@@ -84,10 +111,12 @@ class TransfusionObjective:
         labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         layout: TokenLayout | None = None,
+        normalizer: LossNormalizer | None = None,
     ) -> LossOutput:
         """latents: clean (N, C, H, W) VAE latents, one per image; image_first: (N,) bool, caps their noise.
         layout: the batch's TokenLayout when the caller already built it (then modality, image_ids, doc_ids and
-        position_ids are not read); built here from them otherwise."""
+        position_ids are not read); built here from them otherwise. normalizer: the global denominators (see the
+        module docstring); None = this micro-batch's means."""
         if layout is None:
             layout = TokenLayout.build(input_ids, modality, image_ids, doc_ids, position_ids,
                                        model.image_config.tokens_per_image)
@@ -120,5 +149,8 @@ class TransfusionObjective:
             diffusion_loss = F.mse_loss(pred, target)
         else:
             diffusion_sum = diffusion_loss = lm_loss.new_zeros(())
-        loss = lm_loss + self.loss_weight * diffusion_loss
+        if normalizer is None:
+            loss = lm_loss + self.loss_weight * diffusion_loss
+        else:
+            loss = normalizer.loss(lm_sum, diffusion_sum, self.loss_weight)
         return LossOutput(loss, lm_sum, num_targets, diffusion_sum, num_elements, num_images, layout)

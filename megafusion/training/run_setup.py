@@ -91,6 +91,12 @@ class TrainingSetup:
     optimizer: torch.optim.Optimizer
     step: TrainStep
 
+    @property
+    def loss_scale(self) -> float:
+        """DeepSpeed divides the loss by the accumulation steps and averages gradients over its data-parallel ranks;
+        a globally normalised loss is multiplied back by both."""
+        return float(self.engine.gradient_accumulation_steps() * self.engine.dp_world_size)
+
 
 def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
     """Validates, joins the process group, builds the model with its frozen text path and the DeepSpeed engine."""
@@ -123,15 +129,6 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
         register_zero3_external_parameters(model)
     return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer,
                          TrainStep(engine, cfg.image.tokens_per_image))
-
-
-def forward_backward(engine: Any, batch: dict[str, Any],
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One micro-step on an engine built by `setup_training`, for scripts that hold only the engine: (loss,
-    [lm_loss, diffusion_loss]), or None when the batch was dropped as non-finite. The loop uses `TrainStep`."""
-    step = TrainStep(engine, engine.module.model.image_config.tokens_per_image)
-    result = step(batch, generator)
-    return None if result is None else (result.loss, torch.stack((result.lm_loss, result.diffusion_loss)))
 
 
 def build_train_loader(run: TrainingSetup) -> StatefulDataLoader:

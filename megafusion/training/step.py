@@ -15,7 +15,7 @@ from torch import nn
 
 from megafusion.model.fusion import LlamaFusion
 from megafusion.model.layout import TokenLayout
-from megafusion.training.objective import TransfusionObjective, mean_of
+from megafusion.training.objective import LossNormalizer, TransfusionObjective, count_loss_terms, mean_of
 
 # The collated batch's tensors the objective reads (the loader also yields "keys", "image_ids", ...).
 BATCH_TENSORS = ("input_ids", "labels", "latents", "image_first")
@@ -38,11 +38,12 @@ class LossModule(nn.Module):
         image_first: torch.Tensor | None,
         layout: TokenLayout,
         generator: torch.Generator | None = None,
+        normalizer: LossNormalizer | None = None,
     ) -> dict[str, Any]:
         dtype = next(p.dtype for p in self.model.parameters())
         out = self.objective(
             self.model, input_ids, latents=None if latents is None else latents.to(dtype), image_first=image_first,
-            labels=labels, generator=generator, layout=layout,
+            labels=labels, generator=generator, layout=layout, normalizer=normalizer,
         )
         # Only `loss` keeps its graph: engines hook every output tensor that has one. Plain ints and tensors only, so
         # ZeRO-3's output walk finds nothing it does not know.
@@ -68,7 +69,7 @@ class StepEngine(Protocol):
 class MicroStep:
     """What one applied micro-batch contributed: its loss terms as sums and counts, and the layout it ran on."""
 
-    loss: torch.Tensor  # the backpropagated per-micro-batch mean objective, detached
+    loss: torch.Tensor  # the backpropagated objective (globally normalised when a normalizer was given), detached
     lm_loss_sum: torch.Tensor
     num_text_targets: int
     diffusion_loss_sum: torch.Tensor
@@ -97,16 +98,37 @@ class TrainStep:
         self.engine = engine
         self.tokens_per_image = tokens_per_image
 
-    def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> MicroStep | None:
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator,
+                 normalizer: LossNormalizer | None = None) -> MicroStep | None:
         """Runs one micro-batch. Returns None, with nothing applied, when any rank's loss is non-finite."""
+        result = self.forward_backward(batch, generator, normalizer)
+        if result is not None:
+            self.engine.step()
+        return result
+
+    def forward_backward(self, batch: dict[str, Any], generator: torch.Generator,
+                         normalizer: LossNormalizer | None = None) -> MicroStep | None:
+        """The micro-step without the engine's step (which must follow when this returns a result): lets a caller
+        read the accumulated gradients at the accumulation boundary."""
         # Built once here: the model runs on it and the FLOP count reads the same.
         layout = TokenLayout.build(batch["input_ids"], batch["modality"], doc_ids=batch["doc_ids"],
                                    tokens_per_image=self.tokens_per_image)
-        out = self.engine(**{k: batch[k] for k in BATCH_TENSORS}, layout=layout, generator=generator)
+        out = self.engine(**{k: batch[k] for k in BATCH_TENSORS}, layout=layout, generator=generator,
+                          normalizer=normalizer)
         loss = out["loss"]
         if not all_ranks_finite(loss):
             return None  # dropped before backward on every rank alike: no gradient or optimizer state sees it
         self.engine.backward(loss)
-        self.engine.step()
         return MicroStep(loss.detach(), out["lm_loss_sum"], out["num_text_targets"], out["diffusion_loss_sum"],
                          out["num_latent_elements"], out["num_images"], layout)
+
+
+def global_normalizer(batches: list[dict[str, Any]], engine_scale: float) -> LossNormalizer:
+    """The step's denominators: text targets and latent elements summed over this rank's accumulation
+    micro-batches and over all ranks (one small all-reduce per optimizer step)."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        counts += torch.tensor(count_loss_terms(batch), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return LossNormalizer(float(counts[0]), float(counts[1]), engine_scale)

@@ -23,6 +23,7 @@ from megafusion.training.callbacks import (
 from megafusion.training.metrics import MetricsLogger
 from megafusion.training.run_checkpoints import CheckpointManager, hash_weights
 from megafusion.training.run_setup import build_train_loader, setup_training
+from megafusion.training.step import global_normalizer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
         MetricsLogger(ctx.output_dir, run.rank == 0, t.wandb, t.wandb_project, cfg), run.model, run.engine,
         run.optimizer, guard, world=run.world, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every,
         max_steps=ctx.max_steps, text_trainable=cfg.optim.lr_text > 0, peak_tflops=t.peak_tflops,
+        loss_weight=cfg.diffusion.loss_weight,
     )
     callbacks = CallbackList([
         guard,
@@ -58,10 +60,14 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
     try:
         while step < ctx.max_steps:
             callbacks.on_step_start(step + 1)
+            # The step's micro-batches are drawn first: the loss is normalised by their global token counts.
+            queue = [next(data) for _ in range(t.grad_accum_steps)]
+            normalizer = global_normalizer(queue, run.loss_scale)
             applied = 0
-            while applied < t.grad_accum_steps:  # a micro-batch dropped as non-finite is replaced by the next
-                batch = next(data)
-                result = run.step(batch, generator)
+            while applied < t.grad_accum_steps:
+                # A micro-batch dropped as non-finite is replaced by the next one, under the same denominators.
+                batch = queue.pop(0) if queue else next(data)
+                result = run.step(batch, generator, normalizer)
                 callbacks.on_micro_batch(step + 1, batch, result)
                 applied += result is not None
             step += 1

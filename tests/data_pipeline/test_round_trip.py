@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from megafusion.config.schema import DataConfig
 from megafusion.data_pipeline.latent_shards import precompute_latents
-from megafusion.data_pipeline.loader import LatentSequenceStream, build_loader
+from megafusion.data_pipeline.loader import LatentSequenceStream, LoaderSettings, build_loader
 from megafusion.data_pipeline.sources import SkipLog, center_crop_resize, image_to_tensor, iter_source
 from megafusion.data_pipeline.tokenizer import write_byte_level_tiktoken
 from megafusion.data_pipeline.vae import load_vae, train_vae
@@ -24,7 +23,7 @@ def test_image_to_shard_to_loader_to_decode(tmp_path):
     precompute_latents(tmp_path / "vae", "demo:digits", out, resolution=16, shard_size=40, split="test",
                        progress=False)
     tok = write_byte_level_tiktoken(tmp_path / "tokenizer.model")
-    cfg = DataConfig(max_len=64, shuffle_buffer=1, num_workers=0, caption_first_prob=1.0)
+    cfg = LoaderSettings(max_len=64, shuffle_buffer=1, num_workers=0, caption_first_prob=1.0)
     stream = LatentSequenceStream(out, tok, tokens_per_image=4, boi_id=512, eoi_id=513, cfg=cfg)
     originals = {s.key: image_to_tensor(center_crop_resize(s.load_image(), 16))
                  for s in iter_source("demo:digits", SkipLog(), split="test", resolution=16)}

@@ -1,5 +1,6 @@
 """Worker for test_trainer: trains the tiny config for a few steps on fixed global batches under a given ZeRO stage
-and world size, and writes the per-step global mean loss (rank 0). Launched by torchrun."""
+and world size, with the trainer's global loss normalisation, and writes the per-step global loss (rank 0).
+Launched by torchrun."""
 
 import argparse
 import json
@@ -10,7 +11,8 @@ import torch.distributed as dist
 
 from megafusion.config import load_config
 from megafusion.model import LlamaFusion
-from megafusion.training.run_setup import forward_backward, setup_training
+from megafusion.training.run_setup import setup_training
+from megafusion.training.step import global_normalizer
 
 STEPS, GLOBAL_BATCH = 4, 2
 
@@ -45,14 +47,15 @@ def main() -> None:
     losses = []
     for step in range(STEPS):
         total = 0.0
-        for micro in range(accum):
-            index = run.rank * accum + micro
-            batch = sample(step, index, run.model.arch.vocab_size, run.model.boi_id, run.model.eoi_id)
-            loss, _ = forward_backward(run.engine, batch, torch.Generator().manual_seed(777 + 31 * step + index))
-            total += loss.item()
+        indices = [run.rank * accum + micro for micro in range(accum)]
+        batches = [sample(step, i, run.model.arch.vocab_size, run.model.boi_id, run.model.eoi_id) for i in indices]
+        normalizer = global_normalizer(batches, run.loss_scale)
+        for index, batch in zip(indices, batches, strict=True):
+            result = run.step(batch, torch.Generator().manual_seed(777 + 31 * step + index), normalizer)
+            total += result.loss.item() / run.loss_scale  # this micro-batch's share of the global loss
         t = torch.tensor([total], dtype=torch.float64)
         dist.all_reduce(t)
-        losses.append(t.item() / GLOBAL_BATCH)
+        losses.append(t.item())
 
     base = LlamaFusion.from_llama(run.ctx.base, cfg.model.separation, cfg.image, cfg.unet)
     reference = dict(base.named_parameters())
