@@ -147,6 +147,7 @@ def run_demo(settings: DemoSettings) -> dict:
         print(f"[demo] {threads} torch thread(s) (1-minute load average {os.getloadavg()[0]:.1f}; --threads to set)",
               flush=True)
     from megafusion.checkpoint.builtin_bases import resolve_base
+    from megafusion.common.precision import cpu_info
     from megafusion.demo.report import write_report
     from megafusion.eval.run import EvalSettings, evaluate
 
@@ -184,6 +185,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "vae_settings": asdict(settings.vae),
         "vae_training": {k: v for k, v in data.vae_training.items() if k != "skipped"},
         "torch_threads": threads,
+        "cpu": cpu_info(),
         "load_average_at_start": load_at_start,
         "steps_seconds": steps.seconds,
         "steps_reused": steps.reused,

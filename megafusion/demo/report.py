@@ -124,6 +124,8 @@ def _markdown(report: dict) -> str:
         f"Wall time of this run: {ctx['wall_seconds'] / 60:.1f} min ({ctx.get('torch_threads')} torch thread(s); "
         f"1-minute load average at start {ctx.get('load_average_at_start')}).",
         "",
+        _machine_line(report),
+        "",
         "## Headline numbers",
         "",
         "| metric | value | target | met |",
@@ -205,14 +207,31 @@ def _relink(results: dict, prefix: str) -> None:
             results[section][key] = f"{prefix}/{results[section][key]}"
 
 
+def _machine_line(report: dict) -> str:
+    """CPU, threads and the precision choices (with their probe rates): numbers mean little without them."""
+    cpu = report["context"].get("cpu") or {}
+    flags = ", ".join(cpu.get("flags", [])) or "none of avx2/avx512_bf16/amx"
+    parts = [f"Machine: CPU {cpu.get('model', 'unknown')} (flags: {flags}), "
+             f"{report['context'].get('torch_threads')} torch thread(s)."]
+    for name, choice in (("training", report.get("training_precision")),
+                         ("image generation/captioning", report["eval"].get("image_precision"))):
+        if choice:
+            parts.append(f"{name.capitalize()} precision: {choice['precision']} (asked: {choice['requested']}; "
+                         f"{choice['reason']}).")
+    return " ".join(parts)
+
+
 def write_report(out: Path, cfg: MegaFusionConfig, context: dict, results: dict, metrics_path: Path) -> dict:
     records = read_metrics(metrics_path)
     plot_losses(records, out / "loss_curves.png")
     _relink(results, "eval")
+    # Each training process writes its precision choice into its first record (a resumed run: the last one).
+    choices = [r["precision"] for r in records if "precision" in r]
     report = {
         "context": context,
         "config": config_to_dict(cfg),
         "training": training_summary(records),
+        "training_precision": choices[-1] if choices else None,
         "targets": _targets(results, context["wall_seconds"], context["dataset"]),
         "eval": results,
     }

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers, diffusers) happen inside the handlers, so bu
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ def _model_args(p: argparse.ArgumentParser, allow_base: bool = False) -> None:
         src.add_argument("--base", help="plain HF Llama directory or .gguf file (text generation only)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory, tokenizer file or .gguf (default: the model's base checkpoint)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: bfloat16 where this machine multiplies it clearly faster than float32 (measured)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=None, help="seed of every random draw (sampling, noise)")
 
@@ -90,18 +92,31 @@ def add_generate_parser(sub: Any) -> None:
 
 
 # ---------------------------------------------------------------------- handlers
+def _dtype(args: argparse.Namespace, model: Any) -> Any:
+    """--dtype, with `auto` measured at the model's own matmul shapes on the target device."""
+    import torch
+
+    from megafusion.common.precision import choose_precision, model_matmul_shapes
+
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    shapes = model_matmul_shapes(model.arch.hidden_size, model.arch.intermediate_size)
+    choice = choose_precision("auto", args.device, shapes)
+    print(f"[generate] precision {choice.precision}: {choice.reason}", file=sys.stderr)
+    return choice.dtype
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
     from megafusion.inference.tokens import tokenizer_for
     from megafusion.model import LlamaFusion
 
-    dtype = getattr(torch, args.dtype)
     if getattr(args, "base", None):
-        model = LlamaFusion.from_llama(args.base, dtype=dtype)
+        model = LlamaFusion.from_llama(args.base, dtype=torch.float32)
     else:
-        model = LlamaFusion.from_pretrained(args.model, dtype=dtype)
-    model = model.to(args.device).eval()
+        model = LlamaFusion.from_pretrained(args.model, dtype=torch.float32)
+    model = model.to(_dtype(args, model)).to(args.device).eval()
     if hasattr(args, "num_train_timesteps"):  # the image modes: fail before any tokenizer, VAE or sampling work
         check_diffusion_options(args, model)
     return model, tokenizer_for(model, args.tokenizer)

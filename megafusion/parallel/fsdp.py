@@ -7,6 +7,7 @@ FSDP2 shards within dp_shard and all-reduces across dp_replicate (hybrid shardin
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
@@ -34,6 +35,7 @@ def apply_fsdp(
     """fully_shard every block, then the root. Gradients are SUMMED over the data-parallel ranks (not averaged):
     each rank's loss must already be normalised by the global number of targets (see parallel.reduce.dp_sum)."""
     mp_policy = mp_policy or MixedPrecisionPolicy()
+    _backward_through_every_block(model)
     # fully_shard refuses a bare ModuleList (torch 2.13), so the list itself stays plain and each block is a unit.
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
@@ -49,6 +51,21 @@ def apply_fsdp(
             # reduce those gradients, so this rank must join the collective with zeros (else it hangs).
             module.set_reduce_scatter_unused_params(True, recurse=False)
     return model
+
+
+def _backward_through_every_block(model: LlamaFusion) -> None:
+    """Every data-parallel rank must issue FSDP's backward collectives (re-gather, then reduce-scatter, block by
+    block) in the same order. A micro-batch with no image and no BOI/EOI has no gradient path into the blocks
+    while the text set is frozen, so on that rank no block would run its backward hooks while the other ranks
+    wait for its all-gathers: a hang. Making the embedding output require grad puts every block in every rank's
+    backward (activation gradients only; frozen weights still get none)."""
+
+    def require_grad(_module: nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not output.requires_grad:
+            output = output.requires_grad_()
+        return output
+
+    model.embed_tokens.register_forward_hook(require_grad)
 
 
 def fsdp_units(model: nn.Module) -> list[FSDPModule]:

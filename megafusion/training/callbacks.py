@@ -111,11 +111,14 @@ class StepMetrics(Callback):
 
     def __init__(self, logger: MetricsLogger, model: LlamaFusion, engine: Any, optimizer: torch.optim.Optimizer,
                  guard: NonFiniteGuard, *, world: int, grad_accum_steps: int, log_every: int, max_steps: int,
-                 text_trainable: bool, peak_tflops: float, loss_weight: float) -> None:
+                 text_trainable: bool, peak_tflops: float, loss_weight: float,
+                 first_record_extra: dict[str, Any] | None = None) -> None:
         self.logger, self.model, self.engine, self.optimizer, self.guard = logger, model, engine, optimizer, guard
         self.world, self.grad_accum_steps, self.peak_tflops = world, grad_accum_steps, peak_tflops
         self.log_every, self.max_steps, self.text_trainable = log_every, max_steps, text_trainable
         self.loss_weight = loss_weight
+        # Run facts (e.g. the precision choice and its probe) that the first record of this process carries.
+        self._first_extra = dict(first_record_extra or {})
         self.last_record: dict[str, Any] = {}
         self.logged = False  # whether the step that just ended was logged
         self._start = time.perf_counter()
@@ -172,6 +175,9 @@ class StepMetrics(Callback):
             "peak_memory_gb": peak_memory_bytes() / 2**30,
             "nonfinite_skipped": self.guard.total,
         }
+        if self._first_extra:
+            self.last_record.update(self._first_extra)
+            self._first_extra = {}
         self.logger.log(self.last_record)
 
     def close(self) -> None:

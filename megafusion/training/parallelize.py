@@ -4,7 +4,6 @@ the DeepSpeed config for a TrainConfig, and per-layer activation checkpointing."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -13,6 +12,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
+from megafusion.config.loader import ConfigError, resolve_config_path
 from megafusion.config.schema import TrainConfig
 from megafusion.model.block import FusionBlock
 from megafusion.model.fusion import LlamaFusion
@@ -25,21 +25,26 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
-    """The engine config generated from the run config; a user JSON (train.deepspeed_config) is merged on top."""
+def deepspeed_config(train: TrainConfig, precision: str | None = None) -> dict[str, Any]:
+    """The engine config generated from the run config; a user JSON (train.deepspeed_config) is merged on top.
+    precision: what `train.precision` resolved to (fp32 | bf16); with `auto` unresolved, fp32 (validation only)."""
+    precision = precision or (train.precision if train.precision != "auto" else "fp32")
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         # Our optimizer is torch's AdamW over decoupled groups; ZeRO shards its state all the same.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
     if train.deepspeed_config:
-        path = Path(train.deepspeed_config)
+        try:
+            path = resolve_config_path(train.deepspeed_config)  # a file, or a packaged template by name
+        except ConfigError as err:
+            raise ValueError(f"train.deepspeed_config: {err}") from err
         try:
             user = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:

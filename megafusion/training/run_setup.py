@@ -3,6 +3,7 @@ group, the model with its frozen text path, the DeepSpeed engine around it, and 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from megafusion.common.precision import PrecisionChoice, choose_precision, model_matmul_shapes
 from megafusion.config.schema import DataConfig, MegaFusionConfig
 from megafusion.data_pipeline.loader import LatentSequenceStream, LoaderSettings, build_loader
 from megafusion.diffusion.schedule import DDPMSchedule
@@ -24,6 +26,8 @@ from megafusion.training.parallelize import (
     register_zero3_external_parameters,
 )
 from megafusion.training.step import LossModule, TrainStep
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +94,7 @@ class TrainingSetup:
     engine: Any
     optimizer: torch.optim.Optimizer
     step: TrainStep
+    precision: PrecisionChoice
 
     @property
     def loss_scale(self) -> float:
@@ -116,6 +121,7 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
     # Carried into every export, so sampling and evaluation use what training used.
     model.diffusion_args = cfg.diffusion.args()
     model.document_prefix = list(tok.prefix_ids)
+    precision = resolve_precision(cfg.train.precision, model, rank)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim)
     if cfg.train.activation_checkpointing:
@@ -123,12 +129,29 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
     objective = TransfusionObjective(DDPMSchedule(cfg.diffusion), cfg.diffusion.loss_weight)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=LossModule(model, objective), optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg.train),
+        config=deepspeed_config(cfg.train, precision.precision),
     )
     if engine.zero_optimization_stage() == 3:
         register_zero3_external_parameters(model)
     return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer,
-                         TrainStep(engine, cfg.image.tokens_per_image))
+                         TrainStep(engine, cfg.image.tokens_per_image), precision)
+
+
+def resolve_precision(requested: str, model: LlamaFusion, rank: int) -> PrecisionChoice:
+    """`train.precision` as this run will use it. `auto` is measured once, on rank 0 at the model's own matmul
+    shapes, and broadcast: every rank must run the same engine precision, and probes run side by side on a shared
+    CPU would disturb each other."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = [None]
+    if rank == 0:
+        arch = model.arch
+        choice = [choose_precision(requested, device, model_matmul_shapes(arch.hidden_size, arch.intermediate_size))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if rank == 0:
+        log.warning("precision %s -> %s (%s; CPU %s)", requested, choice[0].precision, choice[0].reason,
+                    choice[0].cpu or device)
+    return choice[0]
 
 
 def build_train_loader(run: TrainingSetup) -> StatefulDataLoader:

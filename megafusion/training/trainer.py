@@ -47,7 +47,7 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
         MetricsLogger(ctx.output_dir, run.rank == 0, t.wandb, t.wandb_project, cfg), run.model, run.engine,
         run.optimizer, guard, world=run.world, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every,
         max_steps=ctx.max_steps, text_trainable=cfg.optim.lr_text > 0, peak_tflops=t.peak_tflops,
-        loss_weight=cfg.diffusion.loss_weight,
+        loss_weight=cfg.diffusion.loss_weight, first_record_extra={"precision": run.precision.to_record()},
     )
     callbacks = CallbackList([
         guard,

@@ -7,6 +7,7 @@ single-process reference runs their concatenation. Rank 0 writes the measured di
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import time
 from dataclasses import dataclass
@@ -212,7 +213,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("cases", nargs="+")
+    p.add_argument("--hang-timeout", type=float, default=240)
     args = p.parse_args()
+    # A collective mismatch hangs every rank silently: dump the stacks and exit instead.
+    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank = dist.get_rank()
