@@ -157,3 +157,16 @@ def test_export_consolidates_checkpoint_and_base(uninterrupted, tmp_path_factory
     base_params = dict(base.named_parameters())
     for name, _ in model.grouped_parameters()["text"]:
         assert torch.equal(params[name], base_params[name]), name
+
+
+def test_first_metrics_record_carries_the_precision_choice(tmp_path):
+    out = tmp_path / "auto"
+    proc = _run(_train_args(out, "--train.max_steps=2", "--train.precision=auto"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = records[0]["precision"]
+    assert first["requested"] == "auto" and first["precision"] in ("fp32", "bf16")
+    assert first["fp32_gflops"] > 0 and first["bf16_gflops"] > 0 and first["cpu"]["model"]
+    # bf16 only when the probe measured it clearly faster.
+    assert (first["precision"] == "bf16") == (first["bf16_gflops"] >= 1.2 * first["fp32_gflops"])
+    assert "precision" not in records[1]
