@@ -9,8 +9,6 @@ from typing import Literal
 from megafusion.data_pipeline.loader import LoaderSettings
 from megafusion.model.args import (
     ATTENTION_CHOICES,
-    BETA_SCHEDULES,
-    PREDICTION_TYPES,
     SEPARATIONS,
     AttentionChoice,
     BetaSchedule,
@@ -60,11 +58,7 @@ class DiffusionConfig:
     image_first_max_timestep: int = 500
 
     def __post_init__(self) -> None:
-        _require(self.num_train_timesteps > 1, f"num_train_timesteps: must be > 1, got {self.num_train_timesteps}")
-        _require(self.beta_schedule in BETA_SCHEDULES,
-                 f"beta_schedule: must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
-        _require(self.prediction_type in PREDICTION_TYPES,
-                 f"prediction_type: must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        self.args()  # DiffusionArgs validates what a saved model carries
         _require(self.loss_weight >= 0, f"loss_weight: must be >= 0, got {self.loss_weight}")
         _require(
             0 <= self.image_first_max_timestep < self.num_train_timesteps,

@@ -46,8 +46,27 @@ def count_loss_terms(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return num_targets, 0 if latents is None else int(latents.numel())
 
 
+class LossTerms:
+    """Mean views of a result that holds its loss terms as sums with counts."""
+
+    lm_loss_sum: torch.Tensor
+    num_text_targets: int
+    diffusion_loss_sum: torch.Tensor
+    num_latent_elements: int
+
+    @property
+    def lm_loss(self) -> torch.Tensor:
+        """Mean CE per text target (0 without targets), detached."""
+        return mean_of(self.lm_loss_sum, self.num_text_targets).detach()
+
+    @property
+    def diffusion_loss(self) -> torch.Tensor:
+        """Mean squared error per latent element (0 without images), detached."""
+        return mean_of(self.diffusion_loss_sum, self.num_latent_elements).detach()
+
+
 @dataclass
-class LossOutput:
+class LossOutput(LossTerms):
     # The per-micro-batch mean objective (keeps the graph).
     loss: torch.Tensor
     # Sum of the cross-entropy over the text targets, and how many there are (keeps the graph).
@@ -59,16 +78,6 @@ class LossOutput:
     num_images: int
     # The batch layout the model ran on (the trainer's FLOP count reads it).
     layout: TokenLayout
-
-    @property
-    def lm_loss(self) -> torch.Tensor:
-        """Mean CE per text target (0 without targets), detached."""
-        return mean_of(self.lm_loss_sum, self.num_text_targets).detach()
-
-    @property
-    def diffusion_loss(self) -> torch.Tensor:
-        """Mean squared error per latent element (0 without images), detached."""
-        return mean_of(self.diffusion_loss_sum, self.num_latent_elements).detach()
 
 
 def mean_of(total: torch.Tensor, count: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from megafusion.model.fusion import LlamaFusion
 from megafusion.model.layout import TokenLayout
-from megafusion.training.objective import LossNormalizer, TransfusionObjective, count_loss_terms, mean_of
+from megafusion.training.objective import LossNormalizer, LossTerms, TransfusionObjective, count_loss_terms
 
 # The collated batch's tensors the objective reads (the loader also yields "keys", "image_ids", ...).
 BATCH_TENSORS = ("input_ids", "labels", "latents", "image_first")
@@ -66,7 +66,7 @@ class StepEngine(Protocol):
 
 
 @dataclass
-class MicroStep:
+class MicroStep(LossTerms):
     """What one applied micro-batch contributed: its loss terms as sums and counts, and the layout it ran on."""
 
     loss: torch.Tensor  # the backpropagated objective (globally normalised when a normalizer was given), detached
@@ -76,14 +76,6 @@ class MicroStep:
     num_latent_elements: int
     num_images: int
     layout: TokenLayout
-
-    @property
-    def lm_loss(self) -> torch.Tensor:
-        return mean_of(self.lm_loss_sum, self.num_text_targets)
-
-    @property
-    def diffusion_loss(self) -> torch.Tensor:
-        return mean_of(self.diffusion_loss_sum, self.num_latent_elements)
 
 
 def all_ranks_finite(loss: torch.Tensor) -> bool:

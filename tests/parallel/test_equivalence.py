@@ -21,9 +21,10 @@ LAUNCHES = {
     "tp2": (2, ["1,1,2:deep:{gqa}", "1,1,2:ffn:{tied}", "1,1,2:none:{gqa}",
                 "1,1,2:deep:{gqa}:flex", "1,1,2:deep:{gqa}:triton", "1,2,1:deep:{tied}"]),
     "dp2_tp2": (4, ["1,2,2:deep:{gqa}:meta:ac", "1,2,2:ffn:{tied}", "1,2,2:none:{gqa}"]),
-    "hsdp2_tp2": (4, ["2,1,2:deep:{tied}:meta", "2,1,2:ffn:{gqa}:ac"]),
+    "hsdp2_tp2": (4, ["2,1,2:deep:{tied}:meta"]),
 }
 # fp32 reordering noise (different all-reduce and matmul split orders) measured ~1e-6 on gradients and weights.
+# Relative errors are ||parallel - reference|| / ||reference|| per tensor (Frobenius).
 RTOL = 1e-5
 # Adam divides by sqrt(v): where a gradient element is near zero, that noise becomes a visible share of its update.
 # A one-process run that accumulates the two micro-batches instead of concatenating them differs from the
@@ -52,13 +53,18 @@ def test_parallel_training_equals_one_process(launch: str, bases: dict[str, str]
     assert len(results) == len(cases)
     for r in results:
         summary = json.dumps(r, indent=1)
-        print(f"  {r['case']}: loss {r['rel_loss']:.1e}, grad {r['grad_rel']['rel']:.1e}, "
-              f"weights {r['weight_rel']['rel']:.1e}, updates {r['update_rel']['rel']:.1e}, {r['seconds']:.1f} s")
+        print(f"  {r['case']}: loss {r['rel_loss']:.1e}, grad {r['grad_rel']['rel']:.1e}, weights "
+              f"{r['weight_rel']['all']:.1e} (worst tensor {r['weight_rel']['rel']:.1e} {r['weight_rel']['name']}), "
+              f"updates {r['update_rel']['rel']:.1e} ({r['update_rel']['name']}), {r['seconds']:.1f} s "
+              f"({r['setup_seconds']:.1f} s setup)")
         assert r["rel_loss"] < RTOL, summary
         assert r["rel_grad_norm"] < RTOL, summary
         assert r["grad_rel"]["rel"] < RTOL, summary
+        # All trainable weights as one vector, and each tensor that does not start at zero (one that does holds
+        # only its Adam update after 2 steps: checked with the updates).
+        assert r["weight_rel"]["all"] < RTOL, summary
         assert r["weight_rel"]["rel"] < RTOL, summary
         assert r["update_rel"]["rel"] < UPDATE_RTOL, summary
         assert r["weight_rel"]["tensors"] > 0 and r["losses"][0] != r["losses"][1], summary
-        assert r["text_bitwise_unchanged"], summary
+        assert r["text_bitwise_unchanged"] and r["frozen_untouched"], summary
         assert r["requires_grad_kept"], summary

@@ -132,11 +132,15 @@ def full_of(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def max_rel_difference(model: LlamaFusion, reference: LlamaFusion, value, initial: dict | None = None) -> dict:
+def max_rel_difference(model: LlamaFusion, reference: LlamaFusion, value, initial: dict | None = None,
+                       skip_zero_init: dict | None = None) -> dict:
     """Worst tensor of `value(param)` over the trainable parameters, as ||parallel - reference|| / ||reference||
-    (Frobenius norms); with `initial`, of the updates value - initial instead."""
+    (Frobenius norms), plus the same ratio over all of them as one vector ("all"). With `initial`: of the updates
+    value - initial instead. With `skip_zero_init` (the initial weights): tensors that start at zero are left out
+    of the per-tensor worst (their weight IS their Adam update, checked as an update)."""
     ref_params = dict(reference.named_parameters())
     worst = {"rel": 0.0, "name": "", "tensors": 0}
+    diff_sq = ref_sq = 0.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -144,10 +148,15 @@ def max_rel_difference(model: LlamaFusion, reference: LlamaFusion, value, initia
         ours, ref = full_of(value(p)), value(ref_params[name])
         if initial is not None:
             ours, ref = ours - initial[name], ref - initial[name]
-        rel = ((ours - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        diff, norm = (ours - ref).norm().item(), ref.norm().item()
+        diff_sq, ref_sq = diff_sq + diff**2, ref_sq + norm**2
+        if skip_zero_init is not None and not skip_zero_init[name].any():
+            continue
+        rel = diff / max(norm, 1e-30)
         worst["tensors"] += 1
         if rel > worst["rel"]:
             worst.update(rel=rel, name=name)
+    worst["all"] = (diff_sq / max(ref_sq, 1e-60)) ** 0.5
     return worst
 
 
@@ -173,6 +182,7 @@ def run_case(case: Case, rank: int) -> dict:
         freeze_text(model)
         parallelize_fusion(model, mesh, activation_checkpointing=case.checkpointing)
     requires_grad_kept = all(p.requires_grad == trainable[plain_name(n)] for n, p in model.named_parameters())
+    setup_seconds = time.perf_counter() - start
 
     opt, ref_opt = optimizer(model), optimizer(reference)
     vocab = reference.arch.vocab_size
@@ -199,9 +209,11 @@ def run_case(case: Case, rank: int) -> dict:
             o.step()
             o.zero_grad(set_to_none=True)
 
-    text_bitwise = all(torch.equal(full_of(p), initial[plain_name(n)])
-                       for n, p in model.named_parameters() if not p.requires_grad)
-    weight_rel = max_rel_difference(model, reference, lambda p: p.detach())
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    text_bitwise = all(torch.equal(full_of(p), initial[plain_name(n)]) for n, p in frozen)
+    # No gradient and no optimizer state for the frozen set.
+    frozen_untouched = all(p.grad is None and p not in opt.state for _, p in frozen) and len(frozen) > 0
+    weight_rel = max_rel_difference(model, reference, lambda p: p.detach(), skip_zero_init=initial)
     update_rel = max_rel_difference(model, reference, lambda p: p.detach(), initial)
     rel_loss = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
     rel_norm = max(abs(a - b) / abs(b) for a, b in zip(norms, ref_norms, strict=True))
@@ -210,8 +222,9 @@ def run_case(case: Case, rank: int) -> dict:
                     + (f":{case.attention}" if case.attention != "sdpa" else ""),
             "losses": losses, "ref_losses": ref_losses, "rel_loss": rel_loss, "grad_norms": norms,
             "ref_grad_norms": ref_norms, "rel_grad_norm": rel_norm, "grad_rel": grad_rel, "weight_rel": weight_rel,
-            "update_rel": update_rel, "text_bitwise_unchanged": text_bitwise,
-            "requires_grad_kept": requires_grad_kept, "seconds": time.perf_counter() - start}
+            "update_rel": update_rel, "text_bitwise_unchanged": text_bitwise, "frozen_untouched": frozen_untouched,
+            "requires_grad_kept": requires_grad_kept, "setup_seconds": setup_seconds,
+            "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
