@@ -20,7 +20,7 @@ from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model.fusion import LlamaFusion
 from megafusion.training.objective import TransfusionObjective
 from megafusion.training.optim import build_lr_scheduler, build_optimizer
-from megafusion.training.parallelize import (
+from megafusion.training.deepspeed_setup import (
     apply_layer_checkpointing,
     deepspeed_config,
     register_zero3_external_parameters,

@@ -6,7 +6,7 @@ import pytest
 import megafusion.common.precision as precision_module
 from megafusion.config.schema import TrainConfig
 from megafusion.model import LlamaFusion
-from megafusion.training.parallelize import deepspeed_config
+from megafusion.training.deepspeed_setup import deepspeed_config
 from megafusion.training.run_setup import resolve_precision
 from tests.helpers import TINY_IMAGE, TINY_UNET, save_tiny_llama
 

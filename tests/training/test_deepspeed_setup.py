@@ -9,7 +9,7 @@ from megafusion.config.schema import TrainConfig
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model import LlamaFusion
 from megafusion.training.objective import TransfusionObjective
-from megafusion.training.parallelize import apply_layer_checkpointing, deepspeed_config
+from megafusion.training.deepspeed_setup import apply_layer_checkpointing, deepspeed_config
 from tests.helpers import TINY_IMAGE, TINY_UNET, mixed_batch, save_tiny_llama
 
 
