@@ -18,13 +18,13 @@ from megafusion.config.schema import DataConfig, MegaFusionConfig
 from megafusion.data_pipeline.loader import LatentSequenceStream, LoaderSettings, build_loader
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model.fusion import LlamaFusion
-from megafusion.training.objective import TransfusionObjective
-from megafusion.training.optim import build_lr_scheduler, build_optimizer
 from megafusion.training.deepspeed_setup import (
     apply_layer_checkpointing,
     deepspeed_config,
     register_zero3_external_parameters,
 )
+from megafusion.training.objective import TransfusionObjective
+from megafusion.training.optim import build_lr_scheduler, build_optimizer
 from megafusion.training.step import LossModule, TrainStep
 
 log = logging.getLogger(__name__)

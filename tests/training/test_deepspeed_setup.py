@@ -8,8 +8,8 @@ import torch
 from megafusion.config.schema import TrainConfig
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model import LlamaFusion
-from megafusion.training.objective import TransfusionObjective
 from megafusion.training.deepspeed_setup import apply_layer_checkpointing, deepspeed_config
+from megafusion.training.objective import TransfusionObjective
 from tests.helpers import TINY_IMAGE, TINY_UNET, mixed_batch, save_tiny_llama
 
 
