@@ -67,6 +67,8 @@ class LatentSequenceStream(IterableDataset):
         index = read_index(self.shard_dir)
         self.shards = [self.shard_dir / shard_name(i) for i in range(int(index["num_shards"]))]
         self.latent_shape = tuple(index["latent_shape"])
+        # Samples each shard was written with: what a damaged shard's unreadable remainder is counted against.
+        self.shard_counts = [int(c) for c in index.get("counts", [])]
         self.tokenizer_path, self.cfg = str(tokenizer), cfg
         self.tokens_per_image, self.boi_id, self.eoi_id = tokens_per_image, boi_id, eoi_id
         self.rank, self.world_size = rank, world_size
@@ -109,6 +111,11 @@ class _WorkerStream:
         self.current_shard: int | None = None
         self.buffer: list[LatentRecord] = []
         self.skipped: list[dict] = []
+        # Data health, cumulative for this reader and carried in its state: samples not used (bad, or lost behind
+        # damage in their shard), shards found damaged (each pass over a damaged shard counts once).
+        self.samples_skipped = self.shards_damaged = 0
+        self._bad_in_shard = 0
+        self._shard_damaged = False
         tok = load_tokenizer(ds.tokenizer_path)
         self.tokenizer = tok
         pad = tok.eos_id if tok.eos_id is not None else 0
@@ -125,6 +132,23 @@ class _WorkerStream:
     def _skip(self, key: str, reason: str) -> None:
         self.skipped.append({"key": key, "reason": reason})
         log.warning("skipped %s: %s", key, reason)
+        if reason.startswith("unreadable tar"):
+            self._shard_damaged = True
+        elif reason.startswith("bad sample"):
+            self._bad_in_shard += 1
+        else:
+            self.samples_skipped += 1
+
+    def _end_shard(self) -> None:
+        """Counts what a finished pass over the current shard did not deliver."""
+        self.samples_skipped += self._bad_in_shard
+        if self._shard_damaged:
+            self.shards_damaged += 1
+            counts = self.ds.shard_counts
+            if self.current_shard is not None and self.current_shard < len(counts):
+                # Everything behind the damage: written samples neither delivered nor already counted as bad.
+                self.samples_skipped += max(0, counts[self.current_shard] - self.sample_pos - self._bad_in_shard)
+        self._bad_in_shard, self._shard_damaged = 0, False
 
     def _next_record(self) -> LatentRecord:
         while True:
@@ -152,6 +176,7 @@ class _WorkerStream:
                 self.sample_pos += 1
                 self.records_this_epoch += 1
                 return record
+            self._end_shard()
             self._records, self.sample_pos = None, 0
             self.shard_pos += 1
             if self.ds.cfg.resample_shards:
@@ -175,6 +200,7 @@ class _WorkerStream:
             doc = self.packer.document(record.key, self.tokenizer.encode(record.caption), record.latent, image_first)
             done = self.packer.add(doc)
             if done is not None:
+                done.reader_health = (self.stream_id, self.samples_skipped, self.shards_damaged)
                 yield done
 
     # ---------------------------------------------------------------- state
@@ -190,6 +216,8 @@ class _WorkerStream:
             "buffer": [vars(r).copy() for r in self.buffer],
             "packer": self.packer.state_dict(),
             "num_skipped": len(self.skipped),
+            "samples_skipped": self.samples_skipped,
+            "shards_damaged": self.shards_damaged,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -204,6 +232,8 @@ class _WorkerStream:
         self.rng.setstate(_rng_from_state(state["rng"]))
         self.buffer = [LatentRecord(**r) for r in state["buffer"]]
         self.packer.load_state_dict(state["packer"])
+        self.samples_skipped = int(state.get("samples_skipped", 0))
+        self.shards_damaged = int(state.get("shards_damaged", 0))
         self._records = None
 
 

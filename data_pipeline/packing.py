@@ -34,6 +34,8 @@ class PackedSequence:
     latents: list[torch.Tensor] = field(default_factory=list)
     image_first: list[bool] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    # (reader id, samples skipped, shards damaged) of the reader that emitted it, cumulative (loader.py).
+    reader_health: tuple[int, int, int] | None = None
 
 
 class SequencePacker:
@@ -122,4 +124,5 @@ def collate_packed(seqs: list[PackedSequence]) -> dict:
         "latents": torch.stack(latents) if latents else None,
         "image_first": torch.tensor([f for s in seqs for f in s.image_first], dtype=torch.bool),
         "keys": [k for s in seqs for k in s.keys],
+        "reader_health": [s.reader_health for s in seqs if s.reader_health is not None],
     }

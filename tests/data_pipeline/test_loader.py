@@ -90,6 +90,44 @@ def test_corrupt_shard_is_skipped_and_the_rest_arrives(tmp_path, caplog):
     assert len(seen & set(range(10, 20))) < 10
 
 
+def _complete_samples(tar_path) -> set[str]:
+    """Keys whose three members (latent, caption, meta) are whole in a possibly truncated tar, read with the
+    standard library's tarfile (independent of webdataset)."""
+    import tarfile
+
+    members: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(tar_path, "r|") as tar:
+            for m in tar:
+                tar.extractfile(m).read()  # raises if the member's data is cut
+                key, _, ext = m.name.partition(".")
+                members.setdefault(key, set()).add(ext)
+    except (tarfile.TarError, OSError):
+        pass
+    return {k for k, exts in members.items() if exts == {"latent.npy", "txt", "json"}}
+
+
+def test_truncated_shard_delivers_its_readable_samples_and_counts_the_rest(tmp_path):
+    shards = make_latent_shards(tmp_path / "s", num_shards=4, per_shard=10)
+    damaged = shards / "shard-000001.tar"
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 3])
+    readable = {10 + int(k) for k in _complete_samples(damaged)}
+    assert 0 < len(readable) < 10, "the cut must leave some, not all, samples readable"
+    it = iter(build_loader(_stream(tmp_path, shards, num_workers=0, shuffle_buffer=1), batch_size=1))
+    seen: list[int] = []
+    health = (0, 0, 0)
+    for _ in range(60):
+        batch = next(it)
+        seen += _sample_ids(batch)
+        health = batch["reader_health"][-1]
+        if health[2]:
+            break
+    assert health[2] == 1, "the damaged shard was not counted"
+    assert {i for i in seen if 10 <= i < 20} == readable, "exactly the readable samples of the damaged shard"
+    assert health[1] == 10 - len(readable)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_reproduces_the_uninterrupted_batches(tmp_path, workers):
     shards = make_latent_shards(tmp_path / "s", num_shards=4, per_shard=12)

@@ -170,3 +170,24 @@ def test_first_metrics_record_carries_the_precision_choice(tmp_path):
     # bf16 only when the probe measured it clearly faster.
     assert (first["precision"] == "bf16") == (first["bf16_gflops"] >= 1.2 * first["fp32_gflops"])
     assert "precision" not in records[1]
+
+
+def test_damaged_shards_are_counted_in_the_metrics(tmp_path):
+    """Every shard cut to a third: training goes on with the readable samples and metrics.jsonl counts the rest."""
+    import shutil
+
+    from megafusion.checkpoint.fetch_base import default_cache_dir
+    from megafusion.data_pipeline.shard_specs import resolve_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(resolve_shards("builtin:digits-pixels", default_cache_dir()), shards)
+    for tar in shards.glob("shard-*.tar"):
+        data = tar.read_bytes()
+        tar.write_bytes(data[: len(data) // 3])
+    out = tmp_path / "damaged"
+    proc = _run(_train_args(out, "--train.max_steps=6", f"--data.shards={shards}", "--data.shuffle_buffer=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    assert last["shards_damaged"] >= 1 and last["samples_skipped"] >= 64 * last["shards_damaged"]
+    assert [r["samples_skipped"] for r in records] == sorted(r["samples_skipped"] for r in records)
