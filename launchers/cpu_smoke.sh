@@ -3,6 +3,7 @@
 #
 #   launchers/cpu_smoke.sh                                   # configs/tiny-cpu.yaml, 2 processes
 #   NPROC=2 launchers/cpu_smoke.sh --train.max_steps=5 --optim.lr_image=2e-3
+#   NPROC=2 launchers/cpu_smoke.sh --train.engine=torch --parallel.tp=2        # tensor parallel, DCP checkpoints
 #
 # Everything after the script name is passed to `megafusion train`.
 set -euo pipefail

@@ -6,6 +6,13 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=worker-1 launchers/torchrun.sh                    # on worker-1
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=worker-1 launchers/torchrun.sh                    # on worker-2
 #
+# The torch engine with a layout (tp x dp_shard [x dp_replicate] = NNODES x NPROC_PER_NODE; `megafusion plan`
+# recommends one). tp stays inside a node; dp_replicate > 1 replicates across nodes and shards within:
+#   NPROC_PER_NODE=8 CONFIG=configs/llama3-8b-paper.yaml launchers/torchrun.sh \
+#       --train.engine=torch --parallel.tp=2 --parallel.dp_shard=4
+#   NNODES=4 NODE_RANK=... MASTER_ADDR=worker-1 CONFIG=configs/llama3-70b-paper.yaml launchers/torchrun.sh \
+#       --train.engine=torch --parallel.tp=8 --parallel.dp_replicate=4 --parallel.dp_shard=1
+#
 # Everything after the script name is passed to `megafusion train`. For a CPU run set DS_ACCELERATOR=cpu.
 set -euo pipefail
 

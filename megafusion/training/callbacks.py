@@ -112,8 +112,11 @@ class StepMetrics(Callback):
     def __init__(self, logger: MetricsLogger, model: LlamaFusion, engine: Any, optimizer: torch.optim.Optimizer,
                  guard: NonFiniteGuard, *, world: int, grad_accum_steps: int, log_every: int, max_steps: int,
                  text_trainable: bool, peak_tflops: float, loss_weight: float,
-                 first_record_extra: dict[str, Any] | None = None) -> None:
+                 first_record_extra: dict[str, Any] | None = None, batch_replicas: int = 1) -> None:
         self.logger, self.model, self.engine, self.optimizer, self.guard = logger, model, engine, optimizer, guard
+        # Tensor-parallel ranks run the same micro-batch (each a 1/tp share of its FLOPs): the sums over all ranks
+        # count it batch_replicas times. The losses are ratios of two such sums and need no correction.
+        self.batch_replicas = batch_replicas
         self.world, self.grad_accum_steps, self.peak_tflops = world, grad_accum_steps, peak_tflops
         self.log_every, self.max_steps, self.text_trainable = log_every, max_steps, text_trainable
         self.loss_weight = loss_weight
@@ -123,6 +126,8 @@ class StepMetrics(Callback):
         self.logged = False  # whether the step that just ended was logged
         self._start = time.perf_counter()
         self._sums = self._zero()
+        # Latest cumulative (samples skipped, shards damaged) of each data reader this rank has heard from.
+        self._health: dict[int, tuple[int, int]] = {}
 
     @staticmethod
     def _zero() -> dict[str, float]:
@@ -134,6 +139,9 @@ class StepMetrics(Callback):
         self._sums = self._zero()
 
     def on_micro_batch(self, step: int, batch: dict[str, Any], result: MicroStep | None) -> None:
+        for reader, skipped, damaged in batch.get("reader_health", []):
+            self._health[reader] = (max(skipped, self._health.get(reader, (0, 0))[0]),
+                                    max(damaged, self._health.get(reader, (0, 0))[1]))
         if result is None:
             return
         layout, is_image = result.layout, batch["modality"] == IMAGE
@@ -154,8 +162,11 @@ class StepMetrics(Callback):
             return
         elapsed = _all_reduce([time.perf_counter() - self._start], dist.ReduceOp.MAX)[0]
         s = self._sums
-        keys = ("lm_sum", "text_targets", "diff_sum", "latent_elements", "text_tokens", "image_tokens", "flops")
-        g = dict(zip(keys, _all_reduce([s[k] for k in keys]), strict=True))
+        s["samples_skipped"] = sum(h[0] for h in self._health.values())
+        s["shards_damaged"] = sum(h[1] for h in self._health.values())
+        keys = ("lm_sum", "text_targets", "diff_sum", "latent_elements", "text_tokens", "image_tokens", "flops",
+                "samples_skipped", "shards_damaged")
+        g = {k: v / self.batch_replicas for k, v in zip(keys, _all_reduce([s[k] for k in keys]), strict=True)}
         lm_loss = g["lm_sum"] / g["text_targets"] if g["text_targets"] else 0.0
         diffusion_loss = g["diff_sum"] / g["latent_elements"] if g["latent_elements"] else 0.0
         tflops = g["flops"] / elapsed / 1e12
@@ -174,6 +185,9 @@ class StepMetrics(Callback):
             "mfu": tflops / (self.peak_tflops * self.world) if self.peak_tflops else None,
             "peak_memory_gb": peak_memory_bytes() / 2**30,
             "nonfinite_skipped": self.guard.total,
+            # Cumulative since the run started (carried through resumes in the loader state).
+            "samples_skipped": int(g["samples_skipped"]),
+            "shards_damaged": int(g["shards_damaged"]),
         }
         if self._first_extra:
             self.last_record.update(self._first_extra)
@@ -217,6 +231,12 @@ class CheckpointCadence(Callback):
         self.checkpoints, self.engine, self.loader, self.generator = checkpoints, engine, loader, generator
         self.every, self.max_steps, self.extra = every, max_steps, extra
 
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.max_steps
+
+    def save(self, step: int) -> None:
+        self.checkpoints.save(self.engine, step, self.loader, self.generator, self.extra)
+
     def on_step_end(self, step: int) -> None:
-        if step % self.every == 0 or step == self.max_steps:
-            self.checkpoints.save(self.engine, step, self.loader, self.generator, self.extra)
+        if self.due(step):
+            self.save(step)

@@ -11,11 +11,13 @@ import torch
 from megafusion.config import config_from_dict
 from megafusion.data_pipeline.tokenizer import load_tokenizer
 from megafusion.model.fusion import LlamaFusion
+from megafusion.training.dcp_checkpoints import DcpCheckpointManager, is_dcp_checkpoint
 from megafusion.training.run_checkpoints import CheckpointManager, hash_weights
 from megafusion.training.run_setup import tokenizer_path
 
 log = logging.getLogger(__name__)
 MODULE_PREFIX = "model."  # the engine wraps LossModule(model=LlamaFusion)
+DCP_MODEL_PREFIX = "model."  # the torch engine's DCP state: {"model": trainable weights, "optim": ...}
 
 
 def _trainable_state(checkpoint_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -30,20 +32,43 @@ def _trainable_state(checkpoint_dir: Path, tag: str, zero_stage: int) -> dict[st
     return {k.removeprefix(MODULE_PREFIX): v.float() for k, v in state.items()}
 
 
+def dcp_trainable_state(path: Path, model: LlamaFusion) -> dict[str, torch.Tensor]:
+    """The full (unsharded) trainable weights of a torch-engine checkpoint, read in this one process: DCP
+    assembles every tensor from the shards of whatever layout wrote it."""
+    import torch.distributed.checkpoint as dcp
+
+    names = [k.removeprefix(DCP_MODEL_PREFIX) for k in dcp.FileSystemReader(str(path)).read_metadata()
+             .state_dict_metadata if k.startswith(DCP_MODEL_PREFIX)]
+    own = model.state_dict()
+    unknown = [n for n in names if n not in own]
+    if unknown:
+        raise ValueError(f"{path}: tensors {unknown[:3]} are not parameters of the model")
+    state = {"model": {n: torch.empty_like(own[n], dtype=torch.float32) for n in names}}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state["model"]
+
+
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
     """run_dir: a `train.output_dir` (holding checkpoints/). Verifies the base weights by hash."""
     checkpoint_dir = Path(run_dir) / "checkpoints"
     tag = tag or CheckpointManager(checkpoint_dir, 1, {}, 0, 1).latest_tag()
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint to export")
-    meta = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", weights_only=True)
+    torch_engine = is_dcp_checkpoint(checkpoint_dir / tag)
+    if torch_engine:
+        meta = DcpCheckpointManager(checkpoint_dir, 1, {}, 0, 1, writes_streams=False, client_extra={}).read_client(tag)
+    else:
+        meta = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", weights_only=True)
     cfg = config_from_dict(meta["config"], source=f"{checkpoint_dir / tag} (stored config)")
     base = Path(meta["base"]["path"])
     if not base.exists() or hash_weights(base) != meta["base"]["sha256"]:
         raise ValueError(f"{checkpoint_dir / tag}: base model {base} is missing or its weights changed since training")
     model = LlamaFusion.from_llama(base, cfg.model.separation, cfg.image, cfg.unet, attention=cfg.model.attention,
                                    routing=cfg.model.routing)
-    trainable = _trainable_state(checkpoint_dir, tag, cfg.train.zero_stage)
+    if torch_engine:
+        trainable = dcp_trainable_state(checkpoint_dir / tag, model)
+    else:
+        trainable = _trainable_state(checkpoint_dir, tag, cfg.train.zero_stage)
     params = dict(model.named_parameters())
     unknown = [k for k in trainable if k not in params]
     if unknown:

@@ -20,20 +20,36 @@ def _split_unets(groups: dict[str, list]) -> dict[str, list]:
     return groups
 
 
+def _lrs(cfg: OptimConfig) -> dict[str, float]:
+    return {"text": cfg.lr_text, "image": cfg.lr_image, "unet": cfg.lr_image * cfg.unet_lr_scale}
+
+
+def _groups(model: LlamaFusion, cfg: OptimConfig) -> dict[str, list]:
+    groups = model.grouped_parameters()
+    return _split_unets(groups) if cfg.unet_lr_scale != 1.0 else groups
+
+
+def freeze_zero_lr_groups(model: LlamaFusion, cfg: OptimConfig) -> None:
+    """requires_grad=False for every group with lr 0 (what build_optimizer does), callable on its own: the torch
+    engine must freeze before it parallelises (FSDP2 and tensor parallel replace the parameters), and builds the
+    optimizer only afterwards."""
+    lrs = _lrs(cfg)
+    for group, named in _groups(model, cfg).items():
+        if lrs[group] == 0:
+            for _, p in named:
+                p.requires_grad_(False)
+
+
 def build_optimizer(model: LlamaFusion, cfg: OptimConfig) -> torch.optim.AdamW:
     """Groups `text` / `image` (each split into decayed matrices and undecayed norms/vectors). A group with
     lr 0 is frozen: requires_grad=False, so it gets no weight gradients and no optimizer state. With
     unet_lr_scale != 1 the U-Nets (part of the image group) form their own `unet` group."""
-    lrs = {"text": cfg.lr_text, "image": cfg.lr_image, "unet": cfg.lr_image * cfg.unet_lr_scale}
-    groups = model.grouped_parameters()
-    if cfg.unet_lr_scale != 1.0:
-        groups = _split_unets(groups)
+    lrs = _lrs(cfg)
+    freeze_zero_lr_groups(model, cfg)
     param_groups = []
-    for group, named in groups.items():
+    for group, named in _groups(model, cfg).items():
         lr = lrs[group]
         if lr == 0:
-            for _, p in named:
-                p.requires_grad_(False)
             continue
         decay = [p for _, p in named if p.ndim >= 2]
         no_decay = [p for _, p in named if p.ndim < 2]

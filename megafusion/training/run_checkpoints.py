@@ -87,24 +87,40 @@ class CheckpointManager:
         return tags[-1] if tags else None
 
     def save(self, engine: Any, step: int, loader: Any, generator: torch.Generator, extra: dict) -> str:
-        tag = self.tag(step)
-        target = self.dir / tag
-        if self.rank == 0 and target.exists():  # a leftover of a crashed save of this same step
-            shutil.rmtree(target)
-        _barrier()
+        tag, target = self._begin(step)
         client_state = {"step": step, "base": self.base_ref, "world_size": self.world, **extra}
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)
         torch.save({"loader": loader.state_dict(), "rng": rng_state(generator), "step": step},
                    target / f"rank{self.rank}.pt")
+        self._finish(tag, step)
+        return tag
+
+    def _begin(self, step: int) -> tuple[str, Path]:
+        """The tag and directory of a save, emptied of a crashed earlier save of the same step (collective)."""
+        tag = self.tag(step)
+        target = self.dir / tag
+        if self.rank == 0 and target.exists():  # a leftover of a crashed save of this same step
+            shutil.rmtree(target)
+        _barrier()
+        return tag, target
+
+    def _finish(self, tag: str, step: int) -> None:
+        """After every rank wrote its files: mark COMPLETE, then move `latest`, then prune (collective)."""
         _barrier()
         if self.rank == 0:
-            (target / COMPLETE).write_text(f"{step}\n")
+            (self.dir / tag / COMPLETE).write_text(f"{step}\n")
             remove_stale_tmp(self.dir / LATEST)  # left by a run killed while it wrote `latest`
             write_text_atomic(self.dir / LATEST, tag + "\n")
             self._prune(keep=tag)
         _barrier()
-        return tag
+
+    def check_base(self, tag: str, stored: Any) -> None:
+        if stored != self.base_ref:
+            raise ValueError(
+                f"{self.dir / tag}: was trained from base {stored}, but this run's base is "
+                f"{self.base_ref}; the frozen weights differ, resuming would not continue the same run"
+            )
 
     def _prune(self, keep: str) -> None:
         complete = self.complete_tags()
@@ -122,11 +138,7 @@ class CheckpointManager:
         _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_module_strict=False)
         if client is None:
             raise RuntimeError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
-        if client.get("base") != self.base_ref:
-            raise ValueError(
-                f"{self.dir / tag}: was trained from base {client.get('base')}, but this run's base is "
-                f"{self.base_ref}; the frozen weights differ, resuming would not continue the same run"
-            )
+        self.check_base(tag, client.get("base"))
         if client.get("world_size") != self.world:
             raise ValueError(
                 f"{self.dir / tag}: written with {client.get('world_size')} ranks, resuming with {self.world}; "

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from megafusion.common.precision import PrecisionChoice, choose_precision, model_matmul_shapes
 from megafusion.config.schema import DataConfig, MegaFusionConfig
@@ -25,6 +24,7 @@ from megafusion.training.deepspeed_setup import (
 )
 from megafusion.training.objective import TransfusionObjective
 from megafusion.training.optim import build_lr_scheduler, build_optimizer
+from megafusion.training.safe_load import install_safe_loading
 from megafusion.training.step import LossModule, TrainStep
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,13 @@ def prepare_run(cfg: MegaFusionConfig) -> RunContext:
         )
     max_steps = cfg.train.max_steps or cfg.optim.total_steps
     deepspeed_config(cfg.train)  # raises on a bad or inconsistent DeepSpeed JSON
+    if cfg.train.engine == "deepspeed":
+        from megafusion.parallel import MeshLayout, check_parallel_support
+
+        # A tp / dp_replicate layout would otherwise be silently ignored by a data-parallel-only engine.
+        p = cfg.parallel
+        check_parallel_support(MeshLayout(p.dp_replicate, p.dp_shard, p.tp), engine="deepspeed",
+                               attention=cfg.model.attention, routing=cfg.model.routing)
     if cfg.train.zero_stage == 3 and cfg.model.routing == "triton":
         # The grouped GEMM reads both weight sets directly; ZeRO-3 gathers a weight only when its module is called.
         raise ValueError("model.routing: 'triton' does not work with train.zero_stage=3; use routing 'index' or 'auto'")
@@ -95,6 +102,15 @@ class TrainingSetup:
     optimizer: torch.optim.Optimizer
     step: TrainStep
     precision: PrecisionChoice
+    # What differs on the torch engine (torch_engine.py); the defaults are the DeepSpeed engine's. data_group: the
+    # ranks the step's loss counts are summed over (None = all: every DeepSpeed rank is a data-parallel rank).
+    data_group: Any = None
+    # Micro-batches per optimizer step on this rank (0 = train.grad_accum_steps).
+    micro_batches_per_step: int = 0
+    # Ranks that run the same micro-batch (the tp degree), so the metrics count its tokens once.
+    batch_replicas: int = 1
+    checkpoints: Any = None  # the engine's own checkpoint manager, when it has one
+    streams: list[int] | None = None  # the data streams of this rank (torch engine)
 
     @property
     def loss_scale(self) -> float:
@@ -104,7 +120,12 @@ class TrainingSetup:
 
 
 def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
-    """Validates, joins the process group, builds the model with its frozen text path and the DeepSpeed engine."""
+    """Validates, joins the process group, builds the model with its frozen text path and the engine
+    (train.engine: DeepSpeed here, torch in torch_engine.py)."""
+    if cfg.train.engine == "torch":
+        from megafusion.training.torch_engine import setup_torch_training
+
+        return setup_torch_training(cfg)
     import deepspeed
 
     from megafusion.data_pipeline.tokenizer import load_tokenizer
@@ -131,6 +152,7 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
         model=LossModule(model, objective), optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg.train, precision.precision),
     )
+    install_safe_loading(engine)  # DeepSpeed's own loader would unpickle arbitrary objects
     if engine.zero_optimization_stage() == 3:
         register_zero3_external_parameters(model)
     return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer,
@@ -154,8 +176,12 @@ def resolve_precision(requested: str, model: LlamaFusion, rank: int) -> Precisio
     return choice[0]
 
 
-def build_train_loader(run: TrainingSetup) -> StatefulDataLoader:
+def build_train_loader(run: TrainingSetup) -> Any:
     """This rank's stream of packed sequences, batched by train.micro_batch_size."""
+    if run.streams is not None:
+        from megafusion.training.torch_engine import build_torch_loader
+
+        return build_torch_loader(run)
     cfg, model = run.cfg, run.model
     stream = LatentSequenceStream(run.ctx.shards, run.ctx.tokenizer, cfg.image.tokens_per_image, model.boi_id,
                                   model.eoi_id, loader_settings(cfg.data), rank=run.rank, world_size=run.world)

@@ -115,12 +115,14 @@ class TrainStep:
                          out["num_latent_elements"], out["num_images"], layout)
 
 
-def global_normalizer(batches: list[dict[str, Any]], engine_scale: float) -> LossNormalizer:
+def global_normalizer(batches: list[dict[str, Any]], engine_scale: float, group: Any = None) -> LossNormalizer:
     """The step's denominators: text targets and latent elements summed over this rank's accumulation
-    micro-batches and over all ranks (one small all-reduce per optimizer step)."""
+    micro-batches and over the data-parallel ranks (one small all-reduce per optimizer step). group: the
+    data-parallel process group (None = all ranks; under tensor parallel only the dp group: the tp ranks of a
+    replica hold the same batch)."""
     counts = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         counts += torch.tensor(count_loss_terms(batch), dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=group)
     return LossNormalizer(float(counts[0]), float(counts[1]), engine_scale)

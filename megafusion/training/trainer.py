@@ -21,6 +21,7 @@ from megafusion.training.callbacks import (
     StepMetrics,
 )
 from megafusion.training.metrics import MetricsLogger
+from megafusion.training.preemption import PreemptionGuard
 from megafusion.training.run_checkpoints import CheckpointManager, hash_weights
 from megafusion.training.run_setup import build_train_loader, setup_training
 from megafusion.training.step import global_normalizer
@@ -34,8 +35,11 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
     ctx, t = run.ctx, cfg.train
     loader = build_train_loader(run)
     generator = torch.Generator().manual_seed(t.seed * 100_003 + run.rank)
-    base_ref = {"path": str(ctx.base.resolve()), "sha256": hash_weights(ctx.base)}
-    checkpoints = CheckpointManager(ctx.output_dir / "checkpoints", t.keep_last, base_ref, run.rank, run.world)
+    checkpoints = run.checkpoints  # the torch engine brings its own (DCP) manager
+    if checkpoints is None:
+        base_ref = {"path": str(ctx.base.resolve()), "sha256": hash_weights(ctx.base)}
+        checkpoints = CheckpointManager(ctx.output_dir / "checkpoints", t.keep_last, base_ref, run.rank, run.world)
+    micro_batches = run.micro_batches_per_step or t.grad_accum_steps
     step = 0
     if t.resume and (tag := checkpoints.latest_tag()) is not None:
         step = checkpoints.load(run.engine, loader, generator, tag)
@@ -48,23 +52,27 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
         run.optimizer, guard, world=run.world, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every,
         max_steps=ctx.max_steps, text_trainable=cfg.optim.lr_text > 0, peak_tflops=t.peak_tflops,
         loss_weight=cfg.diffusion.loss_weight, first_record_extra={"precision": run.precision.to_record()},
+        batch_replicas=run.batch_replicas,
     )
+    cadence = CheckpointCadence(checkpoints, run.engine, loader, generator, t.save_every, ctx.max_steps,
+                                {"config": config_to_dict(cfg)})
     callbacks = CallbackList([
         guard,
         metrics,
         ProgressBar(metrics, ctx.max_steps, step, enabled=progress and run.rank == 0),
-        CheckpointCadence(checkpoints, run.engine, loader, generator, t.save_every, ctx.max_steps,
-                          {"config": config_to_dict(cfg)}),
+        cadence,
+        # Last: a SIGTERM/SIGUSR1 ends the run after this step's metrics and periodic checkpoint.
+        PreemptionGuard(cadence.save, already_saved=cadence.due),
     ])
     data = iter(loader)
     try:
         while step < ctx.max_steps:
             callbacks.on_step_start(step + 1)
             # The step's micro-batches are drawn first: the loss is normalised by their global token counts.
-            queue = [next(data) for _ in range(t.grad_accum_steps)]
-            normalizer = global_normalizer(queue, run.loss_scale)
+            queue = [next(data) for _ in range(micro_batches)]
+            normalizer = global_normalizer(queue, run.loss_scale, run.data_group)
             applied = 0
-            while applied < t.grad_accum_steps:
+            while applied < micro_batches:
                 # A micro-batch dropped as non-finite is replaced by the next one, under the same denominators.
                 batch = queue.pop(0) if queue else next(data)
                 result = run.step(batch, generator, normalizer)

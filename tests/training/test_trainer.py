@@ -191,3 +191,53 @@ def test_damaged_shards_are_counted_in_the_metrics(tmp_path):
     last = records[-1]
     assert last["shards_damaged"] >= 1 and last["samples_skipped"] >= 64 * last["shards_damaged"]
     assert [r["samples_skipped"] for r in records] == sorted(r["samples_skipped"] for r in records)
+
+
+def test_resume_refuses_a_checkpoint_that_carries_a_pickled_callable(tmp_path):
+    """DeepSpeed's own loader unpickles with weights_only=False; ours must refuse, name the file, run nothing."""
+    import os
+
+    out = tmp_path / "run"
+    proc = _run(_train_args(out, "--train.max_steps=2", "--train.save_every=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (optim,) = (out / "checkpoints").glob("step-*/zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({"optimizer_state_dict": Payload()}, optim)
+    proc = _run(_train_args(out, "--train.max_steps=4"))
+    assert proc.returncode != 0
+    assert "refused to load" in proc.stderr and optim.name in proc.stderr and "posix.system" in proc.stderr
+    assert not marker.exists(), "the pickled callable ran"
+
+
+def test_preemption_signal_saves_exits_for_requeue_and_the_rerun_continues_bitwise(tmp_path, uninterrupted):
+    """SIGUSR1 is what `#SBATCH --signal=USR1@120` sends; SIGTERM takes the same path (test_preemption.py)."""
+    sig = signal.SIGUSR1
+    from megafusion.training.preemption import PREEMPTED_EXIT_CODE
+
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(megafusion_command(_train_args(out)), cwd=REPO, env=cpu_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    # Signal between the periodic checkpoints (every 4 steps), so only the preemption checkpoint can hold it.
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    tag = CheckpointManager(out / "checkpoints", 3, {}, 0, 1).latest_tag()
+    stopped = int(tag.split("-")[-1])
+    assert 5 <= stopped < 12 and f"checkpoint of step {stopped} saved" in stderr
+    resumed = _run(_train_args(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 13))
+    assert all(losses[s] == uninterrupted[s] for s in range(stopped + 1, 13)), "resumed run diverged"
