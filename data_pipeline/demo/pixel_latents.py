@@ -40,10 +40,3 @@ def build_pixel_latent_shards(out_dir: str | Path, split: str = "train", shard_s
     })
     return out
 
-
-def resolve_shards(spec: str, cache_dir: str | Path) -> Path:
-    """`builtin:digits-pixels[-test]` -> a cached shard directory; anything else is a path."""
-    if spec.startswith("builtin:digits-pixels"):
-        split = "test" if spec.endswith("-test") else "train"
-        return build_pixel_latent_shards(Path(cache_dir) / "data" / f"digits-pixels-{split}", split)
-    return Path(spec)
