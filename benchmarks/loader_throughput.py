@@ -17,10 +17,8 @@ from megafusion.data_pipeline.loader import LatentSequenceStream, build_loader  
 
 
 def loader_rate(cfg, ctx, model, batches: int) -> tuple[float, float]:
-    from megafusion.training.run_setup import loader_settings
-
     stream = LatentSequenceStream(ctx.shards, ctx.tokenizer, cfg.image.tokens_per_image, model.boi_id, model.eoi_id,
-                                  loader_settings(cfg.data))
+                                  cfg.data)
     it = iter(build_loader(stream, cfg.train.micro_batch_size))
     next(it)  # worker start-up and shuffle-buffer fill are paid once per run, not per step
     docs = seqs = 0
@@ -43,13 +41,13 @@ def main() -> None:
 
     import torch
 
-    from megafusion.training.run_setup import loader_settings, setup_training
+    from megafusion.training.run_setup import setup_training
 
     run = setup_training(cfg)
     loader_docs, loader_seqs = loader_rate(cfg, run.ctx, run.model, args.batches)
 
     stream = LatentSequenceStream(run.ctx.shards, run.ctx.tokenizer, cfg.image.tokens_per_image, run.model.boi_id,
-                                  run.model.eoi_id, loader_settings(cfg.data))
+                                  run.model.eoi_id, cfg.data)
     batches = [b for b, _ in zip(build_loader(stream, cfg.train.micro_batch_size), range(args.steps + 1), strict=False)]
     generator = torch.Generator().manual_seed(0)
     run.step(batches[0], generator)  # warm-up

@@ -60,7 +60,8 @@ class TextTokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
-def _as_ids(value: int | Iterable[int] | None) -> list[int]:
+def as_ids(value: int | Iterable[int] | None) -> list[int]:
+    """An id, a list of ids (Llama 3's eos_token_id) or None, as a list."""
     if value is None:
         return []
     if isinstance(value, int):
@@ -86,7 +87,7 @@ class HFTokenizer:
         self._tok = AutoTokenizer.from_pretrained(self.path, **extra)
         self.bos_id = self._tok.bos_token_id
         self.eos_id = self._tok.eos_token_id
-        self.eos_ids = _as_ids(self.eos_id)
+        self.eos_ids = as_ids(self.eos_id)
         self.vocab_size = len(self._tok)
         self.prefix_ids = list(self._tok("", add_special_tokens=True)["input_ids"])
 
@@ -164,7 +165,7 @@ class SentencePieceTokenizer:
         self._sp = spm.SentencePieceProcessor(model_file=self.path)
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
-        self.eos_ids = _as_ids(self.eos_id)
+        self.eos_ids = as_ids(self.eos_id)
         self.vocab_size = self._sp.get_piece_size()
         self.prefix_ids = [self.bos_id] if self.bos_id is not None else []
         self.chat_template = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from megafusion.data_pipeline.tokenizer import TextTokenizer, load_tokenizer
+from megafusion.data_pipeline.tokenizer import TextTokenizer, as_ids, load_tokenizer
 from megafusion.model import LlamaFusion
 
 
@@ -37,17 +37,9 @@ def tokenizer_for(model: LlamaFusion, path: str | os.PathLike | None = None) -> 
     return tokenizer
 
 
-def _ids(value: int | Iterable[int] | None) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
 def stop_token_ids(model: LlamaFusion, tokenizer: TextTokenizer | None = None) -> set[int]:
     """EOS ids of the base config (an int or a list, as Llama 3 has) and of the tokenizer."""
-    ids = set(_ids(model.arch.eos_token_id))
+    ids = set(as_ids(model.arch.eos_token_id))
     if tokenizer is not None:
         ids.update(tokenizer.eos_ids)
     return ids

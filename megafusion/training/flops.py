@@ -159,7 +159,7 @@ def _check_pair_count_against_rule() -> None:
         for doc, img in zip(layout.doc_ids, layout.image_ids, strict=True)
     )
     if _count_pairs(layout) != dense:
-        raise NotImplementedError("flops: the attention pair count no longer follows kernels/mask_rule.py's rule")
+        raise RuntimeError("flops: the attention pair count no longer follows kernels/mask_rule.py's rule")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from megafusion.common.precision import PrecisionChoice, choose_precision, model_matmul_shapes
-from megafusion.config.schema import DataConfig, MegaFusionConfig
-from megafusion.data_pipeline.loader import LatentSequenceStream, LoaderSettings, build_loader
+from megafusion.config.schema import MegaFusionConfig
+from megafusion.data_pipeline.loader import LatentSequenceStream, build_loader
+from megafusion.data_pipeline.tokenizer import TextTokenizer
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model.fusion import LlamaFusion
 from megafusion.training.deepspeed_setup import (
@@ -79,13 +80,18 @@ def prepare_run(cfg: MegaFusionConfig) -> RunContext:
     return RunContext(base, shards, tokenizer_path(cfg.data.tokenizer, base), Path(cfg.train.output_dir), max_steps)
 
 
-def _init_distributed() -> tuple[int, int]:
-    import deepspeed
-
-    if "RANK" not in os.environ:  # a plain single-process run: give DeepSpeed a one-rank group
+def single_process_env() -> None:
+    """A plain `megafusion train` (no launcher): the environment of a one-rank process group."""
+    if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+
+
+def _init_distributed() -> tuple[int, int]:
+    import deepspeed
+
+    single_process_env()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
@@ -135,13 +141,7 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
     torch.manual_seed(cfg.train.seed)  # identical U-Net init on every rank
     model = LlamaFusion.from_llama(ctx.base, cfg.model.separation, cfg.image, cfg.unet,
                                    attention=cfg.model.attention, routing=cfg.model.routing)
-    tok = load_tokenizer(ctx.tokenizer)
-    if tok.vocab_size > model.arch.vocab_size:
-        raise ValueError(f"data.tokenizer {ctx.tokenizer}: {tok.vocab_size} tokens exceed the model's "
-                         f"vocabulary of {model.arch.vocab_size}")
-    # Carried into every export, so sampling and evaluation use what training used.
-    model.diffusion_args = cfg.diffusion.args()
-    model.document_prefix = list(tok.prefix_ids)
+    record_training_facts(model, cfg, load_tokenizer(ctx.tokenizer), ctx.tokenizer)
     precision = resolve_precision(cfg.train.precision, model, rank)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim)
@@ -157,6 +157,16 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
         register_zero3_external_parameters(model)
     return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer,
                          TrainStep(engine, cfg.image.tokens_per_image), precision)
+
+
+def record_training_facts(model: LlamaFusion, cfg: MegaFusionConfig, tok: TextTokenizer, tok_path: Path) -> None:
+    """Checks the tokenizer fits the model, and stamps the model with what training uses, so every export carries
+    it and sampling and evaluation use the same noise process and document prefix."""
+    if tok.vocab_size > model.arch.vocab_size:
+        raise ValueError(f"data.tokenizer {tok_path}: {tok.vocab_size} tokens exceed the model's "
+                         f"vocabulary of {model.arch.vocab_size}")
+    model.diffusion_args = cfg.diffusion.args()
+    model.document_prefix = list(tok.prefix_ids)
 
 
 def resolve_precision(requested: str, model: LlamaFusion, rank: int) -> PrecisionChoice:
@@ -184,10 +194,5 @@ def build_train_loader(run: TrainingSetup) -> Any:
         return build_torch_loader(run)
     cfg, model = run.cfg, run.model
     stream = LatentSequenceStream(run.ctx.shards, run.ctx.tokenizer, cfg.image.tokens_per_image, model.boi_id,
-                                  model.eoi_id, loader_settings(cfg.data), rank=run.rank, world_size=run.world)
+                                  model.eoi_id, cfg.data, rank=run.rank, world_size=run.world)
     return build_loader(stream, cfg.train.micro_batch_size)
-
-
-def loader_settings(data: DataConfig) -> LoaderSettings:
-    """The loader's plain settings from the run config's `data` section (same field names)."""
-    return LoaderSettings(**{f.name: getattr(data, f.name) for f in fields(LoaderSettings)})

@@ -52,9 +52,10 @@ from megafusion.training.optim import build_lr_scheduler, build_optimizer, freez
 from megafusion.training.run_setup import (
     RunContext,
     TrainingSetup,
-    loader_settings,
     prepare_run,
+    record_training_facts,
     resolve_precision,
+    single_process_env,
 )
 from megafusion.training.step import LossModule, TrainStep
 
@@ -133,20 +134,19 @@ def base_arch(base: Path) -> LlamaArch:
     return LlamaArch.from_hf_config(checkpoint.config, source=checkpoint.config_source)
 
 
-def validate_torch_run(cfg: MegaFusionConfig, world_size: int) -> tuple[RunContext, MeshLayout]:
-    """Everything the torch engine can check before a process group or a model exists; errors name the keys."""
+def validate_torch_run(cfg: MegaFusionConfig, world_size: int) -> tuple[RunContext, MeshLayout, LlamaArch]:
+    """Everything the torch engine can check before a process group or a model exists; errors name the keys.
+    Returns the base's architecture too, which the meta-device build reuses."""
     ctx = prepare_run(cfg)
+    arch = base_arch(ctx.base)
     p = cfg.parallel
-    layout = MeshLayout(p.dp_replicate, p.dp_shard, p.tp).resolve(world_size, base_arch(ctx.base))
+    layout = MeshLayout(p.dp_replicate, p.dp_shard, p.tp).resolve(world_size, arch)
     check_parallel_support(layout, engine="torch", attention=cfg.model.attention, routing=cfg.model.routing)
-    return ctx, layout
+    return ctx, layout, arch
 
 
 def _init_process_group() -> tuple[int, int]:
-    if "RANK" not in os.environ:  # a plain single-process run: a one-rank group (the mesh and DCP need one)
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    single_process_env()  # the mesh and DCP need a process group even for one rank
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
@@ -159,20 +159,16 @@ def setup_torch_training(cfg: MegaFusionConfig) -> TrainingSetup:
     from megafusion.data_pipeline.tokenizer import load_tokenizer
     from megafusion.training.run_checkpoints import hash_weights
 
-    ctx, layout = validate_torch_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    ctx, layout, arch = validate_torch_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     num_streams = _stream_count(cfg, ctx.output_dir / "checkpoints", layout)  # may refuse: still before any work
     tok = load_tokenizer(ctx.tokenizer)
     rank, world = _init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     mesh = build_device_mesh(layout)
     m = cfg.model
-    model = build_on_meta(base_arch(ctx.base), m.separation, cfg.image, cfg.unet, attention=m.attention,
+    model = build_on_meta(arch, m.separation, cfg.image, cfg.unet, attention=m.attention,
                           routing=m.routing)
-    if tok.vocab_size > model.arch.vocab_size:
-        raise ValueError(f"data.tokenizer {ctx.tokenizer}: {tok.vocab_size} tokens exceed the model's "
-                         f"vocabulary of {model.arch.vocab_size}")
-    model.diffusion_args = cfg.diffusion.args()
-    model.document_prefix = list(tok.prefix_ids)
+    record_training_facts(model, cfg, tok, ctx.tokenizer)
     model.base_path = str(ctx.base)
     precision = resolve_precision(cfg.train.precision, model, rank)
     bf16 = precision.precision == "bf16"
@@ -254,7 +250,7 @@ def build_torch_loader(run: TrainingSetup) -> DataStreams:
     loaders, generators = [], []
     for s in run.streams:
         stream = LatentSequenceStream(run.ctx.shards, run.ctx.tokenizer, cfg.image.tokens_per_image, model.boi_id,
-                                      model.eoi_id, loader_settings(cfg.data), rank=s, world_size=num_streams)
+                                      model.eoi_id, cfg.data, rank=s, world_size=num_streams)
         loaders.append(build_loader(stream, cfg.train.micro_batch_size))
         generators.append(torch.Generator().manual_seed(seed_of_stream(cfg.train.seed, s)))
     streams = DataStreams(list(run.streams), loaders, generators)
