@@ -151,6 +151,8 @@ class TrainConfig:
     wandb: Literal["off", "offline", "online"] = "off"
     wandb_project: str = "megafusion"
     seed: int = 0
+    # > 0: torch.profiler around that optimizer step, written to <output_dir>/profile/ (table + Chrome trace).
+    profile_step: int = 0
 
     def __post_init__(self) -> None:
         _require(self.micro_batch_size >= 1, f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")
@@ -166,6 +168,7 @@ class TrainConfig:
             f"max_nonfinite_in_a_row: must be >= 1, got {self.max_nonfinite_in_a_row}",
         )
         _require(self.peak_tflops >= 0, f"peak_tflops: must be >= 0, got {self.peak_tflops}")
+        _require(self.profile_step >= 0, f"profile_step: must be >= 0, got {self.profile_step}")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from megafusion.training.callbacks import (
 )
 from megafusion.training.metrics import MetricsLogger
 from megafusion.training.preemption import PreemptionGuard
+from megafusion.training.profiling import StepProfiler
 from megafusion.training.run_checkpoints import CheckpointManager, hash_weights
 from megafusion.training.run_setup import build_train_loader, setup_training
 from megafusion.training.step import global_normalizer
@@ -57,6 +58,8 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
     cadence = CheckpointCadence(checkpoints, run.engine, loader, generator, t.save_every, ctx.max_steps,
                                 {"config": config_to_dict(cfg)})
     callbacks = CallbackList([
+        # First: its window covers the step's micro-batches and optimizer step, not the periodic checkpoint save.
+        StepProfiler(t.profile_step, ctx.output_dir / "profile", run.rank),
         guard,
         metrics,
         ProgressBar(metrics, ctx.max_steps, step, enabled=progress and run.rank == 0),

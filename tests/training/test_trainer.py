@@ -159,9 +159,9 @@ def test_export_consolidates_checkpoint_and_base(uninterrupted, tmp_path_factory
         assert torch.equal(params[name], base_params[name]), name
 
 
-def test_first_metrics_record_carries_the_precision_choice(tmp_path):
+def test_first_metrics_record_carries_the_precision_choice_and_step_2_is_profiled(tmp_path):
     out = tmp_path / "auto"
-    proc = _run(_train_args(out, "--train.max_steps=2", "--train.precision=auto"))
+    proc = _run(_train_args(out, "--train.max_steps=2", "--train.precision=auto", "--train.profile_step=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first = records[0]["precision"]
@@ -170,6 +170,9 @@ def test_first_metrics_record_carries_the_precision_choice(tmp_path):
     # bf16 only when the probe measured it clearly faster.
     assert (first["precision"] == "bf16") == (first["bf16_gflops"] >= 1.2 * first["fp32_gflops"])
     assert "precision" not in records[1]
+    table = (out / "profile" / "step-2-rank-0.txt").read_text()
+    assert "aten::mm" in table and "Self CPU" in table
+    assert json.loads((out / "profile" / "step-2-rank-0.json").read_text())["traceEvents"]
 
 
 def test_damaged_shards_are_counted_in_the_metrics(tmp_path):
