@@ -48,6 +48,12 @@ def make_scheduler(
     return scheduler
 
 
+def uses_guidance(has_uncond: bool, guidance_scale: float | None) -> bool:
+    """Whether unconditional rows must run: at scale 1 guidance is the conditional prediction alone, and the
+    unconditional half of every step (half the sampling FLOPs) would only be multiplied by zero."""
+    return has_uncond and guidance_scale is not None and guidance_scale != 1.0
+
+
 def guided_noise(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: eps_u + s (eps_c - eps_u)."""
     return uncond + scale * (cond - uncond)
@@ -79,7 +85,7 @@ def denoise(
     guidance scale, the conditional and unconditional rows run as one batch per step. Returns (B, C, H, W)
     latents in the VAE's scaled space. `generator` may be one per image, as in diffusers pipelines."""
     batch = cache.batch_size
-    cfg = uncond_cache is not None and guidance_scale is not None
+    cfg = uses_guidance(uncond_cache is not None, guidance_scale)
     if cfg:
         if uncond_cache.batch_size == 1 and batch > 1:
             uncond_cache = uncond_cache.select([0] * batch)

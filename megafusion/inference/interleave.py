@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from megafusion.data_pipeline.tokenizer import TextTokenizer
-from megafusion.inference.denoise import Generators, denoise, make_scheduler
+from megafusion.inference.denoise import Generators, denoise, make_scheduler, uses_guidance
 from megafusion.inference.images import decode_latents
 from megafusion.inference.sampling import SamplingConfig, allowed_token_mask, choose_tokens
 from megafusion.inference.sequence import append_clean_image, feed_tokens, prefill
@@ -46,7 +46,7 @@ def interleave_tokens(
     stop = set(stop_ids)
     boi, eoi = model.boi_id, model.eoi_id
     step = prefill(model, [[list(prompt_ids)]])
-    cfg = uncond_ids is not None and image_config.guidance_scale is not None
+    cfg = uses_guidance(uncond_ids is not None, image_config.guidance_scale)
     # The unconditional prefix never changes: computed once, reused by every image.
     uncond = prefill(model, [[list(uncond_ids), [boi]]]).cache if cfg else None
     scheduler = make_scheduler(image_config.sampler, image_config.num_steps, model.diffusion_args)

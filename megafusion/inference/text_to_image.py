@@ -10,7 +10,14 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from megafusion.data_pipeline.tokenizer import TextTokenizer
-from megafusion.inference.denoise import DEFAULT_GUIDANCE, Generators, SamplerName, denoise, make_scheduler
+from megafusion.inference.denoise import (
+    DEFAULT_GUIDANCE,
+    Generators,
+    SamplerName,
+    denoise,
+    make_scheduler,
+    uses_guidance,
+)
 from megafusion.inference.images import decode_latents
 from megafusion.inference.sequence import Item, prefill
 from megafusion.inference.tokens import encode_texts, unconditional_ids
@@ -48,7 +55,7 @@ def sample_images(
     config = config or ImageSamplingConfig()
     boi = [model.boi_id]
     batch = len(prefixes)
-    cfg = uncond_prefixes is not None and config.guidance_scale is not None
+    cfg = uses_guidance(uncond_prefixes is not None, config.guidance_scale)
     rows = [[*row, boi] for row in prefixes]
     if cfg:
         if len(uncond_prefixes) not in (1, batch):

@@ -68,7 +68,8 @@ def test_guidance_scale_one_equals_plain_conditional_sampling(model):
                         torch.Generator().manual_seed(1))
     guided = sample_images(model, rows, [[[1]]], ImageSamplingConfig(sampler="ddpm", num_steps=5),
                            torch.Generator().manual_seed(1))
-    torch.testing.assert_close(one, plain, atol=1e-5, rtol=1e-5)
+    # Bitwise: at scale 1 the unconditional rows are not run at all (they would only be multiplied by zero).
+    assert torch.equal(one, plain)
     assert (guided - plain).abs().max() > 1e-3, "the guard: guidance 1.55 must change the image"
 
 
