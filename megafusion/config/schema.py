@@ -88,6 +88,9 @@ class OptimConfig:
     # The U-Net down/up samplers start from scratch while the rest of the image set starts from pretrained
     # weights: their peak lr is lr_image * unet_lr_scale (1 = the paper's single image lr).
     unet_lr_scale: float = 1.0
+    # torch's AdamW kernel: fused (one kernel over all tensors; on CPU measured 4x faster than for_loop, the CPU
+    # default, for the demo's ~330 tensors), foreach, or for_loop. Same update up to float rounding.
+    implementation: Literal["fused", "foreach", "for_loop"] = "fused"
 
     def __post_init__(self) -> None:
         _require(self.lr_text >= 0, f"lr_text: must be >= 0, got {self.lr_text}")

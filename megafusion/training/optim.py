@@ -58,7 +58,9 @@ def build_optimizer(model: LlamaFusion, cfg: OptimConfig) -> torch.optim.AdamW:
                 param_groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": group + suffix})
     if not param_groups:
         raise ValueError("every parameter group has lr 0: nothing to train")
-    return torch.optim.AdamW(param_groups, lr=cfg.lr_image, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    return torch.optim.AdamW(param_groups, lr=cfg.lr_image, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **kernel[cfg.implementation])
 
 
 def floor_ratio(cfg: OptimConfig) -> float:

@@ -106,3 +106,23 @@ def test_each_group_decays_to_its_own_floor(tmp_path):
     assert lrs["image"] == pytest.approx(2e-5) and lrs["image_no_decay"] == pytest.approx(2e-5)
     assert lrs["text"] == pytest.approx(1e-5 * 2e-5 / 1e-4) and lrs["text_no_decay"] == lrs["text"]
     assert lrs["unet"] == pytest.approx(4 * 2e-5) and lrs["unet_no_decay"] == lrs["unet"]
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_adamw_kernels_give_the_for_loop_update(tmp_path, implementation):
+    """The fast kernels are a speed choice only: three steps equal torch's plain for-loop AdamW."""
+    results = []
+    for kernel in (implementation, "for_loop"):
+        torch.manual_seed(0)
+        model = _model(tmp_path)
+        opt = build_optimizer(model, OptimConfig(lr_image=1e-2, warmup_steps=0, total_steps=10,
+                                                 implementation=kernel))
+        assert all(bool(g["fused"]) is (kernel == "fused") for g in opt.param_groups)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        for step in range(3):
+            for i, p in enumerate(trained):
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32) + step + i).reshape(p.shape)
+            opt.step()
+        results.append([p.detach().clone() for p in trained])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
