@@ -1,1 +1,1 @@
-"""Built-in demo datasets with fixed train/test splits."""
+"""Built-in demo datasets with fixed train/val/test splits."""

@@ -1,8 +1,9 @@
 """Real handwritten digits from scikit-learn (`load_digits`: 1,797 8x8 images, 10 classes) with captions.
 
-Split (fixed, independent of any seed): sample i of `load_digits()` is in `test` when i % 5 == 0, else in
-`train`, giving 1,437 train and 360 test images. The dataset is ordered roughly 0..9 repeating, so every
-class lands in both splits in about the same proportion.
+Split (fixed, independent of any seed): sample i of `load_digits()` is in `test` when i % 5 == 0 (360 images;
+the dataset is ordered roughly 0..9 repeating, so every class lands there in about the same proportion). Of the
+rest, `val` takes exactly 20 per class (200 images), spread evenly over each class's indices so that it spans
+the whole collection rather than its first writers; `train` is what remains (1,237 images).
 
 Images are light-grey ink on black, upscaled from 8x8 with bicubic interpolation (the strokes stay smooth
 instead of blocky). The caption template is picked from the key's CRC32, so it is deterministic but not
@@ -21,6 +22,7 @@ from PIL import Image
 from .common import DemoSample, check_split
 
 TEST_EVERY = 5
+VAL_PER_CLASS = 20
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # {d} is the numeral, {word} the English word.
@@ -69,15 +71,27 @@ def _to_image(pixels: np.ndarray, resolution: int) -> Image.Image:
     return img.convert("RGB")
 
 
+@lru_cache(maxsize=1)
+def _split_of_index() -> tuple[str, ...]:
+    targets = _load()[1]
+    split = ["test" if i % TEST_EVERY == 0 else "train" for i in range(len(targets))]
+    for label in range(len(DIGIT_WORDS)):
+        pool = [i for i in range(len(targets)) if split[i] == "train" and targets[i] == label]
+        # Midpoints of VAL_PER_CLASS equal strides: evenly spread, never the class's very first sample.
+        for j in range(VAL_PER_CLASS):
+            split[pool[(2 * j + 1) * len(pool) // (2 * VAL_PER_CLASS)]] = "val"
+    return tuple(split)
+
+
 def split_indices(split: str) -> list[int]:
+    """Indices into `load_digits()` of `split`, ascending."""
     check_split(split)
-    n = len(_load()[1])
-    is_test = split == "test"
-    return [i for i in range(n) if (i % TEST_EVERY == 0) == is_test]
+    return [i for i, s in enumerate(_split_of_index()) if s == split]
 
 
 def digits_samples(split: str, resolution: int = 32) -> list[DemoSample]:
-    """All digits of `split` ("train": 1,437, "test": 360) as RGB images of `resolution` px, in index order."""
+    """All digits of `split` ("train": 1,237, "val": 200, "test": 360) as RGB images of `resolution` px, in index
+    order."""
     if resolution < 8:
         raise ValueError(f"resolution: must be at least 8 (the source images are 8x8), got {resolution}")
     images, targets = _load()

@@ -7,8 +7,8 @@ exactly: it reads colour (from hue), shape (from how much of its bounding box a 
 (from the blob's centroid) back from the pixels.
 
 Samples are a pure function of (split, index, resolution): sample i of a split comes from its own RNG seeded
-with the split's seed and i, so asking for more samples never changes the earlier ones, and train and test
-never share a seed.
+with the split's seed and i, so asking for more samples never changes the earlier ones, and no two splits
+(train, val, test) share a seed.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ POSITIONS = {
 }
 PAIRS = (("left", "right"), ("top", "bottom"))
 BACKGROUND = (245, 245, 245)
-SPLIT_SEEDS = {"train": 0, "test": 1}
-DEFAULT_NUM_SAMPLES = {"train": 4096, "test": 256}
+SPLIT_SEEDS = {"train": 0, "test": 1, "val": 2}
+DEFAULT_NUM_SAMPLES = {"train": 4096, "val": 256, "test": 256}
 MIN_RESOLUTION = 16
 _SUPERSAMPLE = 4  # draw large, then box-downsample: antialiased edges look like real images, not pixel art
 
@@ -106,7 +106,7 @@ def random_layout(rng: random.Random) -> list[Shape]:
 
 
 def shapes_samples(split: str, resolution: int = 32, num_samples: int | None = None) -> list[DemoSample]:
-    """`num_samples` generated images of `split` (default: 4,096 train, 256 test)."""
+    """`num_samples` generated images of `split` (default: 4,096 train, 256 val, 256 test)."""
     check_split(split)
     if resolution < MIN_RESOLUTION:
         raise ValueError(f"resolution: must be at least {MIN_RESOLUTION} for shapes to stay readable, got {resolution}")

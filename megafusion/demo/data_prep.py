@@ -3,7 +3,8 @@
 Shared by `megafusion demo` and `megafusion ablate` (which reuses the demo's VAE and shards). Every step is
 skipped when its result is already there, so a rerun or an ablation after a demo reuses them:
 
-    <out>/demo.json   which dataset this directory holds (claim_out_dir)
+    <out>/demo.json   which dataset this directory holds (claim_out_dir) and which train split its VAE and
+                      shards were made from (drop_if_other_split)
     <out>/vae/        diffusers AutoencoderKL (vae_ready)
     <out>/shards/     latent shards + index.json, made with that VAE (shards_ready)
 """
@@ -57,6 +58,25 @@ def claim_out_dir(out: Path, dataset: str) -> None:
         marker.write_text(json.dumps({"dataset": dataset}) + "\n")
 
 
+def drop_if_other_split(out: Path, dataset: str, progress: bool = True) -> None:
+    """A VAE and shards made from another train split (e.g. before the val split was carved out of it) would
+    train on images the evaluation now holds out: remove both (a run trained on them goes with the VAE, see
+    runs.drop_if_stale) and record the current split. A directory without a record predates it: stale too."""
+    from megafusion.data_pipeline.demo.common import split_fingerprint
+
+    marker = out / DEMO_MARKER
+    record = json.loads(marker.read_text()) if marker.is_file() else {"dataset": dataset}
+    current = split_fingerprint(dataset, "train")
+    if record.get("train_split") == current:
+        return
+    stale = [d for d in (out / VAE_DIR, out / SHARDS_DIR) if d.exists()]
+    if stale and progress:
+        print(f"[demo] {', '.join(map(str, stale))}: made from another train split; rebuilding", flush=True)
+    for d in stale:
+        shutil.rmtree(d)
+    marker.write_text(json.dumps({**record, "train_split": current}) + "\n")
+
+
 def vae_ready(vae_dir: Path, channels: int, resolution: int) -> bool:
     """True if `vae_dir` holds a VAE; one with other latent channels or resolution is an error, not replaced."""
     config = vae_dir / "config.json"
@@ -107,6 +127,7 @@ def prepare_demo_data(
 
     out = out.resolve()
     claim_out_dir(out, dataset)
+    drop_if_other_split(out, dataset, progress)
     v = vae or VaeSettings()
     run = run_step or _run_plain
     source = f"demo:{dataset}"

@@ -21,12 +21,22 @@ if TYPE_CHECKING:
     from megafusion.config.schema import MegaFusionConfig
 
 
-# CFG for the demo's headline generation numbers. After ~14k documents the caption moves the predicted noise only
-# a little, and strong guidance is what turns that into the asked-for digit: measured on one 400-step demo model,
-# accuracy 0.14 / 0.37 / 0.51 / 0.64 / 0.65 at CFG 1 / 5 / 8 / 12 / 16, in-domain FID 216 / 207 / 216 / 229 / 238.
-# The report also scores the paper's settings (1 = without CFG, 1.55) and 5, so the trade-off stays visible.
-DEMO_GUIDANCE = 12.0
-DEMO_EVAL: dict[str, Any] = {"guidance_scale": DEMO_GUIDANCE, "guidance_sweep": (1.0, 1.55, 5.0, DEMO_GUIDANCE)}
+# CFG for the demo's headline generation numbers (and the out-of-template pass): the largest scale of the sweep,
+# which is where issue 16's "at least 0.80 at CFG 5 or lower" is judged. The sweep is the report's guidance
+# trade-off: 1 (the paper's "without CFG"; no unconditional rows), 1.55 (the paper's CFG), 3 and 5. The headline
+# scale is one of them, so it costs no extra generation pass. Measured on the earlier 400-step model (CFG 12
+# headline then): accuracy 0.14 / 0.37 / 0.51 / 0.64 at CFG 1 / 5 / 8 / 12 by the in-domain classifier alone.
+DEMO_GUIDANCE = 5.0
+DEMO_EVAL: dict[str, Any] = {
+    "guidance_scale": DEMO_GUIDANCE, "guidance_sweep": (1.0, 1.55, 3.0, DEMO_GUIDANCE), "out_of_template": True,
+    # Shown in the report: which settings were chosen, and on what. Update when a choice is made on val
+    # (`megafusion eval --split val`), never on the test numbers the report shows.
+    "chosen": {
+        "guidance scale 5 (headline)": "not chosen by measurement: the largest scale issue 16's target admits",
+        "confidence threshold 0.7": "real val digits: both judges >= 0.95 at 0.7, the SVM drops to 0.97 at 0.8 "
+                                    "and 0.88 at 0.9; non-digits called a digit <= 0.02",
+    },
+}
 
 
 @dataclass
@@ -57,7 +67,8 @@ QUICK_OVERRIDES = [
 QUICK_VAE = VaeSettings(steps=3, batch_size=8, block_out_channels=(8, 16, 16), norm_num_groups=8)
 QUICK_EVAL = {"images_per_prompt": 2, "num_prompts": 3, "num_steps": 2, "num_caption_images": 8,
               "num_denoising_images": 6, "caption_max_new_tokens": 4, "text_max_new_tokens": 4, "num_text_prompts": 1,
-              "caption_sheet_size": 6, "guidance_scale": 2.0, "guidance_sweep": (1.0, 2.0)}
+              "caption_sheet_size": 6, "guidance_scale": 2.0, "guidance_sweep": (1.0, 2.0),
+              "out_of_template": True}
 
 
 def quick_settings(dataset: str, out: Path) -> DemoSettings:

@@ -31,8 +31,16 @@ class ImageClassifier:
     mode: str
     size: int
 
+    @property
+    def classes(self) -> list[Hashable]:
+        return self.model.classes_.tolist()  # plain Python labels
+
     def predict(self, images: Sequence[Image.Image]) -> list[Hashable]:
-        return self.model.predict(image_features(images, self.mode, self.size)).tolist()  # plain Python labels
+        return self.model.predict(image_features(images, self.mode, self.size)).tolist()
+
+    def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, len(classes)) softmax outputs."""
+        return self.model.predict_proba(image_features(images, self.mode, self.size))
 
     def accuracy(self, images: Sequence[Image.Image], labels: Sequence[Hashable]) -> float:
         if len(images) != len(labels):

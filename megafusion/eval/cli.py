@@ -14,6 +14,9 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--dataset", required=True, choices=("digits", "shapes"))
     p.add_argument("--out", default=None, help="write eval.json and the PNG figures here")
     p.add_argument("--base", default=None, help="base LM (default: the one recorded in the model)")
+    p.add_argument("--split", default="test", choices=("val", "test"),
+                   help="held-out split every number comes from: val (own prompts and seeds) to choose settings on, "
+                        "test to report")
     p.add_argument("--images-per-prompt", type=int, default=10)
     p.add_argument("--num-prompts", type=int, default=10, help="prompts for shapes (digits: its 10 classes)")
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
@@ -21,6 +24,10 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--no-cfg", action="store_true")
     p.add_argument("--cfg-sweep", default="", help="more CFG scales to score, e.g. 1,1.55,5 (1 = no guidance)")
+    p.add_argument("--out-of-template", action="store_true",
+                   help="one more generation pass at --cfg with a phrasing no training caption uses")
+    p.add_argument("--confidence", type=float, default=0.7,
+                   help="a judge counts an image as the asked class only at this probability or more")
     p.add_argument("--caption-images", type=int, default=200, help="held-out images to caption")
     p.add_argument("--skip-text", action="store_true", help="skip the text identity and perplexity checks")
     p.add_argument("--seed", type=int, default=0)
@@ -58,6 +65,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from megafusion.eval.run import EVAL_JSON, EvalSettings, evaluate
 
     settings = EvalSettings(
+        split=args.split, out_of_template=args.out_of_template, confidence_threshold=args.confidence,
         images_per_prompt=args.images_per_prompt, num_prompts=args.num_prompts, sampler=args.sampler,
         num_steps=args.steps, guidance_scale=None if args.no_cfg else args.cfg,
         num_caption_images=args.caption_images, skip_text=args.skip_text, seed=args.seed,
@@ -78,12 +86,18 @@ def run_eval(args: argparse.Namespace) -> int:
 def summary(result: dict) -> dict:
     """The headline numbers of an evaluation."""
     text = result.get("text") or {}
+    gen = result["generation"]
     out = {
+        "split": result["split"],
         "classifier_test_accuracy": result["classifier"]["test_accuracy"],
-        "generation_accuracy": result["generation"]["accuracy"],
-        "guidance_scale": result["generation"]["guidance_scale"],
-        "fid_in_domain": result["generation"]["fid_in_domain"],
-        "fid_real_train_vs_test": result["classifier"]["fid_real_train_vs_test"],
+        "judges_confident_accuracy_on_real": {name: r[f"{result['split']}_confident_accuracy"]
+                                              for name, r in result["judges"].items()},
+        # The weaker judge's; each judge's is under generation_accuracy_by_judge.
+        "generation_accuracy": gen["accuracy"],
+        "generation_accuracy_by_judge": gen["accuracy_by_judge"],
+        "guidance_scale": gen["guidance_scale"],
+        "fid_in_domain": gen["fid_in_domain"],
+        "fid_real_floor": result["classifier"]["fid_real_floor"],
         "caption_accuracy": result["captioning"]["accuracy"],
         "cider": result["captioning"]["cider"],
         "heldout_noise_mse": result["denoising"]["loss_own_caption"],
@@ -93,10 +107,15 @@ def summary(result: dict) -> dict:
         "perplexity": text.get("perplexity"),
         "perplexity_base": text.get("perplexity_base"),
     }
-    if result["generation"].get("guidance_sweep"):
+    if gen.get("guidance_sweep"):
         out["generation_by_guidance"] = {f"{p['guidance_scale']:g}": {"accuracy": p["accuracy"],
+                                                                     "accuracy_by_judge": p["accuracy_by_judge"],
                                                                      "fid_in_domain": p["fid_in_domain"]}
-                                         for p in result["generation"]["guidance_sweep"]}
+                                         for p in gen["guidance_sweep"]}
+    if "out_of_template" in gen:
+        oot = gen["out_of_template"]
+        out["out_of_template"] = {"prompt_phrasing": oot["prompt_phrasing"], "guidance_scale": oot["guidance_scale"],
+                                  "accuracy": oot["accuracy"], "accuracy_by_judge": oot["accuracy_by_judge"]}
     if "lm_eval" in result:
         out["lm_eval"] = result["lm_eval"]
     return out

@@ -1,5 +1,10 @@
 """What the evaluation needs to know about each demo dataset: its real images, the prompts to generate from,
-how a generated image is judged against its prompt, and how a caption is judged against the truth."""
+how a generated image is judged against its prompt, and how a caption is judged against the truth.
+
+Prompts and generation seeds differ per evaluated split: settings are chosen on `val` with its own phrasings
+and seeds, so the `test` numbers in the report come from prompts and noise no choice has seen. Each split also
+has an out-of-template phrasing (never a training caption) to see whether the model follows the meaning or
+only the memorised wording."""
 
 from __future__ import annotations
 
@@ -16,6 +21,12 @@ from megafusion.data_pipeline.demo.shapes import POSITIONS, Shape, check_image, 
 from megafusion.eval.classifier import ImageClassifier
 
 DATASETS = ("digits", "shapes")
+EVAL_SPLITS = ("val", "test")
+# Added to EvalSettings.seed for generation: val never samples the noise test does.
+SPLIT_SEED_OFFSET = {"test": 0, "val": 10_007}
+# In-domain classifier training: this many generated non-digits form its "not a digit" class (about one class's
+# worth of the 1,237 train digits).
+NUM_REJECT_IMAGES = 200
 
 
 @dataclass
@@ -31,7 +42,10 @@ class DatasetSpec:
     # Pixel mode of the in-domain classifier: colour carries no information for digits, all of it for shapes.
     classifier_mode: str
     class_label: Callable[[DemoSample], Hashable]
-    prompts: Callable[[int], list[Prompt]]
+    # (count, split, out_of_template) -> prompts; see the module docstring.
+    prompts: Callable[[int, str, bool], list[Prompt]]
+    # The phrasing of prompts(.., split, out_of_template), for the report.
+    prompt_phrasing: Callable[[str, bool], str]
     # Exact rule check of a generated image, where the dataset has one (shapes); else the classifier decides.
     rule_check: Callable[[Image.Image, str], bool] | None
     caption_correct: Callable[[str, DemoSample], bool]
@@ -40,6 +54,11 @@ class DatasetSpec:
     @property
     def source(self) -> str:
         return f"demo:{self.name}"
+
+    @property
+    def has_class_prompts(self) -> bool:
+        """True when every prompt asks for one class the classifiers know (digits), so they can judge it."""
+        return self.rule_check is None
 
     def samples(self, split: str, resolution: int = 32) -> list[DemoSample]:
         if self.name == "digits":
@@ -50,19 +69,29 @@ class DatasetSpec:
 
         return shapes_samples(split, resolution)
 
-    def image_correct(self, image: Image.Image, prompt: Prompt, predicted: Hashable) -> bool:
-        """The generation verdict: the rule check when there is one, else the classifier's prediction."""
-        if self.rule_check is not None:
-            return self.rule_check(image, prompt.text)
-        return predicted == prompt.label
 
 
 # --- digits -------------------------------------------------------------------------------------------------
 
 
-def _digit_prompts(count: int) -> list[Prompt]:
-    # One prompt per digit in the most literal training template; `count` is ignored (always the 10 classes).
-    return [Prompt(DIGIT_CAPTION_TEMPLATES[0].format(d=d, word=DIGIT_WORDS[d]), d) for d in range(10)]
+# split -> (a training template, a phrasing no training caption uses). Test keeps the most literal template, the
+# one the earlier reports used; val uses another one.
+DIGIT_PROMPT_TEMPLATES = {
+    "test": (DIGIT_CAPTION_TEMPLATES[0], "a handwritten figure showing the number {word}"),
+    "val": (DIGIT_CAPTION_TEMPLATES[5], "a picture of the handwritten numeral {d}"),
+}
+
+
+def _digit_phrasing(split: str, out_of_template: bool) -> str:
+    if split not in DIGIT_PROMPT_TEMPLATES:
+        raise ValueError(f"split: must be one of {EVAL_SPLITS}, got {split!r}")
+    return DIGIT_PROMPT_TEMPLATES[split][int(out_of_template)]
+
+
+def _digit_prompts(count: int, split: str = "test", out_of_template: bool = False) -> list[Prompt]:
+    # One prompt per digit; `count` is ignored (always the 10 classes).
+    template = _digit_phrasing(split, out_of_template)
+    return [Prompt(template.format(d=d, word=DIGIT_WORDS[d]), d) for d in range(10)]
 
 
 def _digit_references(sample: DemoSample) -> list[str]:
@@ -77,6 +106,7 @@ DIGITS = DatasetSpec(
     classifier_mode="L",
     class_label=lambda s: int(s.label),
     prompts=_digit_prompts,
+    prompt_phrasing=_digit_phrasing,
     rule_check=None,
     caption_correct=lambda caption, s: digit_from_caption(caption) == int(s.label),
     caption_references=_digit_references,
@@ -98,14 +128,30 @@ def _shape_class(sample: DemoSample) -> str:
     return f"{first.colour} {first.shape}"
 
 
-def _shape_prompts(count: int) -> list[Prompt]:
-    """`count` distinct test-split captions, picked by a fixed hash order so single and paired layouts mix."""
+# Out-of-template shapes prompts: the exact caption after a lead-in no training caption has (the rule checker
+# reads the shapes from anywhere in the text).
+SHAPE_LEAD_INS = {"test": "a picture of ", "val": "an image showing "}
+
+
+def _shape_phrasing(split: str, out_of_template: bool) -> str:
+    if split not in SHAPE_LEAD_INS:
+        raise ValueError(f"split: must be one of {EVAL_SPLITS}, got {split!r}")
+    return f"{SHAPE_LEAD_INS[split] if out_of_template else ''}<a {split} caption>"
+
+
+def _shape_prompts(count: int, split: str = "test", out_of_template: bool = False) -> list[Prompt]:
+    """`count` distinct captions of `split`, picked by a fixed hash order so single and paired layouts mix."""
     from megafusion.data_pipeline.demo.shapes import shapes_samples
 
-    samples = sorted(shapes_samples("test", 16), key=lambda s: zlib.crc32(s.caption.encode()))
+    _shape_phrasing(split, out_of_template)  # checks the split
+    lead = SHAPE_LEAD_INS[split] if out_of_template else ""
+    # Few distinct layouts exist, so val's captions could be test's: val skips the ones test asks for.
+    taken = {p.text for p in _shape_prompts(count, "test")} if split == "val" else set()
+    samples = sorted(shapes_samples(split, 16), key=lambda s: zlib.crc32(s.caption.encode()))
     prompts: dict[str, Prompt] = {}
     for s in samples:
-        prompts.setdefault(s.caption, Prompt(s.caption, _shape_class(s)))
+        if s.caption not in taken:
+            prompts.setdefault(s.caption, Prompt(lead + s.caption, _shape_class(s)))
         if len(prompts) == count:
             break
     return list(prompts.values())
@@ -127,6 +173,7 @@ SHAPES = DatasetSpec(
     classifier_mode="RGB",
     class_label=_shape_class,
     prompts=_shape_prompts,
+    prompt_phrasing=_shape_phrasing,
     rule_check=check_image,
     caption_correct=_shapes_caption_correct,
     caption_references=_shape_references,
@@ -140,11 +187,40 @@ def get_dataset(name: str) -> DatasetSpec:
     return specs[name]
 
 
+def _training_set(spec: DatasetSpec, train: list[DemoSample], seed: int) -> tuple[list[Image.Image], list[Hashable]]:
+    """Real train images with their classes, plus (digits) generated non-digits labelled REJECT."""
+    from megafusion.eval.judges import REJECT, non_digit_images
+
+    images, labels = [s.image for s in train], [spec.class_label(s) for s in train]
+    if not spec.has_class_prompts:
+        return images, labels
+    rejects = non_digit_images(NUM_REJECT_IMAGES, seed, images, images[0].width)
+    return images + rejects, labels + [REJECT] * len(rejects)
+
+
 def train_in_domain_classifier(spec: DatasetSpec, train: list[DemoSample], seed: int = 0) -> ImageClassifier:
     from megafusion.eval.classifier import train_classifier
 
-    return train_classifier([s.image for s in train], [spec.class_label(s) for s in train], spec.classifier_mode,
-                            seed=seed)
+    images, labels = _training_set(spec, train, seed)
+    return train_classifier(images, labels, spec.classifier_mode, seed=seed)
+
+
+def make_judges(spec: DatasetSpec, classifier: ImageClassifier, train: list[DemoSample], threshold: float,
+                seed: int = 0) -> list:
+    """The generation judges: digits: the in-domain MLP and a HOG + RBF-SVM, both with the confidence rule;
+    shapes: the exact rule checker."""
+    from megafusion.eval.judges import ClassifierJudge, RuleJudge, train_hog_svm
+
+    if not spec.has_class_prompts:
+        return [RuleJudge("rule_check", "exact rule checker (colour, shape and position of every blob)",
+                          spec.rule_check)]
+    images, labels = _training_set(spec, train, seed)
+    svm = train_hog_svm(images, labels, size=images[0].width)
+    mlp_kind = (f"sklearn MLPClassifier (1 hidden layer of {classifier.model.hidden_layer_sizes[0]}) on "
+                f"{classifier.size}x{classifier.size} {classifier.mode} pixels")
+    svm_kind = f"sklearn SVC (RBF kernel, C={svm.model.estimator.C:g}, sigmoid-calibrated) on HOG features"
+    return [ClassifierJudge("mlp", mlp_kind, classifier, threshold),
+            ClassifierJudge("hog_svm", svm_kind, svm, threshold)]
 
 
 def balanced_subset(spec: DatasetSpec, samples: list[DemoSample], count: int) -> list[DemoSample]:

@@ -1,10 +1,11 @@
-"""PNG figures of an evaluation: generated images per prompt and held-out images with their captions.
+"""PNG figures of an evaluation: generated images per prompt, confusion matrices of the judges, and held-out
+images with their captions.
 
 matplotlib with the Agg backend: no display is needed, and nothing else in the process is affected."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -30,8 +31,15 @@ def prompt_grid(images: Sequence[Image.Image], path: Path, scale: int = 2) -> Pa
     return path
 
 
-def generation_overview(rows: Sequence[tuple[str, Sequence[Image.Image], Sequence[bool]]], path: Path) -> Path:
-    """Rows of (prompt, images, verdicts); a green or red frame shows each image's verdict."""
+def _frame_colour(agreement: float) -> str:
+    if agreement >= 1.0:
+        return "tab:green"
+    return "tab:orange" if agreement > 0.0 else "tab:red"
+
+
+def generation_overview(rows: Sequence[tuple[str, Sequence[Image.Image], Sequence[float]]], path: Path) -> Path:
+    """Rows of (prompt, images, agreement): per image the share of judges calling it correct, shown as its frame
+    (green: every judge, orange: some, red: none)."""
     plt = _pyplot()
     cols = max(len(images) for _, images, _ in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.0 * cols + 2.6, 1.05 * len(rows)), squeeze=False)
@@ -45,10 +53,11 @@ def generation_overview(rows: Sequence[tuple[str, Sequence[Image.Image], Sequenc
                 continue
             ax.imshow(images[c])
             for spine in ax.spines.values():
-                spine.set_edgecolor("tab:green" if verdicts[c] else "tab:red")
+                spine.set_edgecolor(_frame_colour(float(verdicts[c])))
                 spine.set_linewidth(2)
         axes[r][0].set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=7, wrap=True)
-    fig.suptitle("generated images (green frame: judged correct)", fontsize=9)
+    fig.suptitle("generated images (frame: green = every judge confidently sees the asked class, orange = some, "
+                 "red = none)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -70,6 +79,43 @@ def caption_sheet(items: Sequence[tuple[Image.Image, str, bool]], path: Path, co
         ax.set_title(caption if len(caption) <= 60 else caption[:57] + "...", fontsize=7, wrap=True,
                      color="tab:green" if ok else "tab:red")
     fig.suptitle("held-out images with generated captions", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_grid(panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[int]]]]], rows: Sequence[str],
+                   judges: Mapping[str, str], path: Path) -> Path:
+    """One confusion matrix per (judge, panel): asked class (rows) x judged class, the last column counting
+    images no class was confidently named for. Colour is the share of the row; each cell prints its count."""
+    import numpy as np
+
+    plt = _pyplot()
+    names = [n for n in judges if all(n in matrices for _, matrices in panels)]
+    cols = [*rows, "?"]
+    fig, axes = plt.subplots(len(names), len(panels), figsize=(3.3 * len(panels), 3.4 * len(names) + 0.6),
+                             squeeze=False)
+    for r, name in enumerate(names):
+        for c, (title, matrices) in enumerate(panels):
+            counts = np.asarray(matrices[name], dtype=float)
+            share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+            ax = axes[r][c]
+            ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+            for i in range(counts.shape[0]):
+                for j in range(counts.shape[1]):
+                    if counts[i, j]:
+                        ax.text(j, i, f"{counts[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                                color="white" if share[i, j] > 0.5 else "black")
+            ax.set_xticks(range(len(cols)), cols, fontsize=6)
+            ax.set_yticks(range(len(rows)), rows, fontsize=6)
+            ax.set_title(f"{name}: {title}", fontsize=8)
+            if r == len(names) - 1:
+                ax.set_xlabel("judged (? = not confident / not a digit)", fontsize=7)
+            if c == 0:
+                ax.set_ylabel("asked", fontsize=7)
+    fig.suptitle("generated images: asked class x class the judge confidently sees", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -36,7 +36,10 @@ def test_checker_exact_at_other_resolutions(resolution):
 
 def test_splits_are_seeded_and_disjoint(samples):
     train = shapes_samples("train", num_samples=200)
+    val = shapes_samples("val", num_samples=200)
     assert not {s.image.tobytes() for s in train} & {s.image.tobytes() for s in samples}
+    assert not {s.image.tobytes() for s in val} & {s.image.tobytes() for s in samples + train}
+    assert val[0].key == "shapes-val-000000"
     # Prefix-stable: more samples never change the earlier ones.
     more = shapes_samples("test", num_samples=250)
     assert [(s.key, s.caption, s.image.tobytes()) for s in more[:200]] == [

@@ -63,7 +63,8 @@ def _collect(spec: str, **kw) -> tuple[list[RawSample], SkipLog]:
 def test_demo_digits_split_and_resolution():
     train, skips = _collect("demo:digits")
     test, _ = _collect("demo:digits", split="test", resolution=16)
-    assert (len(train), len(test), len(skips)) == (1437, 360, 0)
+    val, _ = _collect("demo:digits", split="val")
+    assert (len(train), len(val), len(test), len(skips)) == (1237, 200, 360, 0)
     assert train[0].key == "digits-train-000001" and test[0].caption
     assert test[0].load_image().size == (16, 16)
 
@@ -74,7 +75,7 @@ def test_demo_shapes_and_unknown_demo():
     with pytest.raises(ValueError, match="demo:nope"):
         iter_source("demo:nope", SkipLog())  # raised at the call, before iteration
     with pytest.raises(ValueError, match="split"):
-        iter_source("demo:shapes", SkipLog(), split="val")
+        iter_source("demo:shapes", SkipLog(), split="validation")
 
 
 # --- folder -------------------------------------------------------------------------------------------------

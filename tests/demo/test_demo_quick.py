@@ -25,7 +25,8 @@ def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
                  "eval/generated/prompt_00.png", "eval/generated/prompt_09.png", "eval/eval.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
-    assert set(report["targets"]) == {"generation_accuracy", "caption_accuracy", "text_identical_to_base",
+    assert set(report["targets"]) == {"generation_accuracy_cfg_le_5", "generation_accuracy_cfg_1.55",
+                                      "fid_in_domain_over_floor", "caption_accuracy", "text_identical_to_base",
                                       "wall_seconds"}
     assert report["targets"]["text_identical_to_base"]["value"] is True  # text frozen: always identical
     ev = report["eval"]
@@ -33,12 +34,21 @@ def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
     assert 0.0 <= ev["captioning"]["accuracy"] <= 1.0 and ev["captioning"]["cider"] >= 0
     assert ev["denoising"]["num_images"] == 6 and ev["denoising"]["loss_own_caption"] > 0
     assert ev["classifier"]["test_accuracy"] > 0.9  # the in-domain judge itself is reliable on real digits
+    assert ev["split"] == "test" and set(ev["judges"]) == {"mlp", "hog_svm"}
+    assert all(j["test_confident_accuracy"] >= 0.95 for j in ev["judges"].values())
+    assert all(0.0 <= j["test_vae_roundtrip_confident_accuracy"] <= 1.0 for j in ev["judges"].values())
+    assert set(ev["generation"]["accuracy_by_judge"]) == {"mlp", "hog_svm"}
+    assert ev["generation"]["accuracy"] == min(ev["generation"]["accuracy_by_judge"].values())
+    oot = ev["generation"]["out_of_template"]
+    assert oot["guidance_scale"] == 2.0 and "figure showing" in oot["prompt_phrasing"]
+    assert sum(map(sum, ev["generation"]["confusion"]["mlp"])) == ev["generation"]["num_images"]
+    assert (out / "eval/confusion.png").is_file() and "eval/confusion.png" in (out / "report.md").read_text()
     assert report["training"]["steps"] == 3
     md = (out / "report.md").read_text()
     assert "![loss curves](loss_curves.png)" in md and "eval/generated.png" in md and "eval/captions.png" in md
     sweep = {p["guidance_scale"]: p for p in ev["generation"]["guidance_sweep"]}
-    assert set(sweep) == {1.0, 2.0} and "| CFG scale |" in md
-    assert sweep[2.0]["accuracy"] == ev["generation"]["accuracy"]
+    assert set(sweep) == {1.0, 2.0} and "| CFG scale |" in md and "comes from the **test** split" in md
+    assert sweep[2.0]["accuracy_by_judge"] == ev["generation"]["accuracy_by_judge"]
 
     # A sweep point is what a standalone `megafusion eval` at that scale measures (same prompts and seed).
     alone = subprocess.run(megafusion_command([
@@ -47,7 +57,7 @@ def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
     headline = json.loads(alone.stdout[alone.stdout.index("{"):])
-    assert headline["generation_accuracy"] == sweep[1.0]["accuracy"]
+    assert headline["generation_accuracy_by_judge"] == sweep[1.0]["accuracy_by_judge"]
     assert headline["fid_in_domain"] == pytest.approx(sweep[1.0]["fid_in_domain"], rel=1e-6)
 
     again = _demo(out)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from megafusion.demo.data_prep import claim_out_dir
+from megafusion.demo.data_prep import claim_out_dir, drop_if_other_split
 from megafusion.demo.pipeline import choose_threads
 from megafusion.demo.report import read_metrics
 from megafusion.demo.runs import RUN_MARKER, drop_if_stale
@@ -23,6 +23,18 @@ def test_output_dir_holds_one_dataset(tmp_path):
     claim_out_dir(tmp_path, "digits")
     with pytest.raises(ValueError, match="holds the 'digits' demo"):
         claim_out_dir(tmp_path, "shapes")
+
+
+def test_vae_and_shards_of_another_train_split_are_dropped(tmp_path):
+    claim_out_dir(tmp_path, "digits")  # a directory from before the val split: no record of its train split
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "shards").mkdir()
+    drop_if_other_split(tmp_path, "digits", progress=False)
+    assert not (tmp_path / "vae").exists() and not (tmp_path / "shards").exists()
+    assert json.loads((tmp_path / "demo.json").read_text())["dataset"] == "digits"
+    (tmp_path / "vae").mkdir()
+    drop_if_other_split(tmp_path, "digits", progress=False)  # same split now: kept
+    assert (tmp_path / "vae").is_dir()
 
 
 def test_run_trained_on_another_vae_is_dropped(tmp_path):

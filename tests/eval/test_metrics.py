@@ -8,7 +8,7 @@ from PIL import Image
 from megafusion.data_pipeline.demo.shapes import Shape, caption_for, render
 from megafusion.eval.captions import caption_accuracy, cider, simple_tokenize
 from megafusion.eval.classifier import image_features, train_classifier
-from megafusion.eval.datasets import DIGITS, SHAPES, Prompt, balanced_subset, get_dataset
+from megafusion.eval.datasets import DIGITS, SHAPES, Prompt, balanced_subset, get_dataset, make_judges
 from megafusion.eval.fid import feature_fid, frechet_distance, gaussian_stats, inception_fid_status
 
 
@@ -126,14 +126,13 @@ def test_digit_references_cover_every_template():
     assert len(refs) == 7 and "the number four" in refs and "a handwritten digit 4" in refs
 
 
-def test_generation_judges():
+def test_shapes_are_judged_by_the_rule_checker():
     shapes = [Shape("red", "square", "left"), Shape("blue", "circle", "right")]
     image = render(shapes, 32)
     good, bad = Prompt(caption_for(shapes), "red square"), Prompt("a green triangle at the top", "green triangle")
-    assert SHAPES.image_correct(image, good, predicted="anything")  # the rule checker decides for shapes
-    assert not SHAPES.image_correct(image, bad, predicted="green triangle")
-    assert DIGITS.image_correct(image, Prompt("a handwritten digit 3", 3), predicted=3)
-    assert not DIGITS.image_correct(image, Prompt("a handwritten digit 3", 3), predicted=8)
+    (judge,) = make_judges(SHAPES, None, [], threshold=0.7)
+    assert judge.verdicts([image, image], [good.label, bad.label], [good.text, bad.text]) == [True, False]
+    assert judge.verdicts([image], [good.label], ["a picture of " + good.text]) == [True]  # out-of-template
 
 
 def test_prompts_and_balanced_subset():
