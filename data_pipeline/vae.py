@@ -7,7 +7,6 @@ Everything downstream only ever sees such a directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -19,6 +18,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from megafusion.common.atomic import atomic_directory, remove_stale_tmp
+from megafusion.common.hashing import file_sha256
 
 from .sources import ImageLoadError, SkipLog, center_crop_resize, image_to_tensor, is_demo, iter_source
 
@@ -69,14 +69,6 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
     return vae
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def vae_identity(path: str | Path) -> dict:
     """What a latent manifest must record to tell which VAE (and latent scale) produced its latents."""
     root = _vae_dir(path)
@@ -84,7 +76,7 @@ def vae_identity(path: str | Path) -> dict:
     blocks = config.get("block_out_channels", [])
     return {
         "path": str(root.resolve()),
-        "weights_sha256": _sha256(root / WEIGHTS_NAME),
+        "weights_sha256": file_sha256(root / WEIGHTS_NAME),
         "latent_channels": config.get("latent_channels"),
         "scaling_factor": config.get("scaling_factor"),
         "shift_factor": config.get("shift_factor"),

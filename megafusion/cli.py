@@ -62,6 +62,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    """Exit 0: no checkpoint damaged; 1: some damaged, but a resume still finds an intact one; 2: nothing to
+    resume (no checkpoint, or none intact)."""
+    from pathlib import Path
+
+    from megafusion.training.checkpoint_manifest import DAMAGED
+    from megafusion.training.run_checkpoints import CheckpointManager
+
+    run_dir = Path(args.run_dir)
+    directory = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    verdicts, resumable = CheckpointManager(directory, 1, {}, 0, 1).survey()
+    if not verdicts:
+        print(f"megafusion checkpoint verify: error: {directory}: no checkpoints (step-N directories)", file=sys.stderr)
+        return 2
+    for tag, verdict in verdicts:
+        print(f"{directory / tag}: {verdict.describe()}")
+    if resumable is None:
+        print(f"megafusion checkpoint verify: error: {directory}: no checkpoint can be resumed", file=sys.stderr)
+        return 2
+    print(f"a resume would use {directory / resumable}")
+    return 1 if any(v.state == DAMAGED for _, v in verdicts) else 0
+
+
 def _cmd_export_text(args: argparse.Namespace) -> int:
     from megafusion.checkpoint.text_export import export_text_model
     from megafusion.model import LlamaFusion
@@ -123,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
 
+    p = sub.add_parser("checkpoint", help="inspect a run's checkpoints: checkpoint verify RUN_DIR")
+    checkpoint = p.add_subparsers(dest="checkpoint_command", required=True)
+    p = checkpoint.add_parser("verify", help="check every checkpoint of a run against its manifest (sizes, sha256) "
+                              "without training; exit 0 all intact, 1 some damaged, 2 none resumable")
+    p.add_argument("run_dir", help="the run's train.output_dir (or its checkpoints/ directory)")
+
     p = sub.add_parser("export-text", help="export the text part of a saved LlamaFusion as an HF Llama directory")
     p.add_argument("--model", required=True, help="directory written by LlamaFusion.save_pretrained")
     p.add_argument("--out", required=True)
@@ -178,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_fetch_base(args)
         if args.command == "train-vae":
             return _cmd_train_vae(args)
+        if args.command == "checkpoint":
+            return _cmd_checkpoint_verify(args)
         if args.command == "eval":
             from megafusion.eval.cli import run_eval
 

@@ -20,7 +20,6 @@ Command line: ``python -m megafusion.checkpoint.fetch_base smollm2-135m [--out D
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from megafusion.common.atomic import atomic_directory, atomic_file, remove_stale_tmp
+from megafusion.common.hashing import file_sha256
 
 COMPLETE_MARKER = ".complete"
 MARKER_FORMAT = 1
@@ -85,14 +85,6 @@ def get_base_spec(name: str) -> BaseSpec:
     except KeyError:
         known = ", ".join(sorted(KNOWN_BASES))
         raise ValueError(f"unknown base model {name!r}; known bases: {known}") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_marker(directory: str | Path) -> dict | None:
@@ -177,7 +169,7 @@ def gguf_to_hf_dir(
         marker = {
             "format": MARKER_FORMAT,
             "gguf": gguf_path.name,
-            "gguf_sha256": _sha256(gguf_path),
+            "gguf_sha256": file_sha256(gguf_path),
             "files": files,
             **(marker_extra or {}),
         }

@@ -4,7 +4,9 @@ A run starts with one stream per data-parallel rank (stream s = the loader shard
 generator seeded by s). The stream count S is a property of the run, stored in every checkpoint: a run resumed
 on a smaller data-parallel degree D (S divisible by D) gives each rank S / D streams, drawn round robin as extra
 accumulation micro-batches, so every optimizer step still sees exactly the same global batch and noise as before
-the resume. Tensor-parallel ranks of one replica hold the same streams and so draw identical batches and noise."""
+the resume. Tensor-parallel ranks of one replica hold the same streams and so draw identical batches and noise.
+Each stream's loader state is layout-free (data_pipeline/loader.py): it also resumes on another data.num_workers,
+and it refuses changed data.shards unless train.allow_data_change (its DataChangedError names what changed)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Layout of <dir>/step-N/: DCP's files (`.metadata` + one `__<rank>_0.distcp` per 
 trainable parameters only: frozen text weights are never written) and "optim" (AdamW state and param groups, keyed
 by parameter name), then `client.pt` (step, base reference, config, layout, stream count, LR scheduler state),
 `stream<s>.pt` per data stream (loader + RNG state, data_streams.py), and COMPLETE; `latest` as for DeepSpeed
-(run_checkpoints.CheckpointManager: same crash-safe order). DCP stores every tensor by its global shape and
+(run_checkpoints.CheckpointManager: same crash-safe order, same manifest of sizes and sha256 in COMPLETE, same
+fallback to the newest intact checkpoint on resume). DCP stores every tensor by its global shape and
 reshards on load, so a checkpoint written at dp2 x tp2 loads at tp2 or in one process."""
 
 from __future__ import annotations
@@ -62,11 +63,15 @@ class DcpCheckpointManager(CheckpointManager):
         return tag
 
     def load(self, engine: Any, loader: Any, generator: torch.Generator, tag: str | None = None) -> int:
-        import torch.distributed.checkpoint as dcp
-
-        tag = tag or self.latest_tag()
+        tag = tag or self.resume_tag()
         if tag is None:
             raise FileNotFoundError(f"{self.dir}: no complete checkpoint")
+        with self.reading(tag):
+            return self._load_dcp(engine, loader, tag)
+
+    def _load_dcp(self, engine: Any, loader: Any, tag: str) -> int:
+        import torch.distributed.checkpoint as dcp
+
         client = self.read_client(tag)
         self.check_base(tag, client.get("base"))
         state = engine.state_dict()

@@ -192,7 +192,9 @@ def test_damaged_shards_are_counted_in_the_metrics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
-    assert last["shards_damaged"] >= 1 and last["samples_skipped"] >= 64 * last["shards_damaged"]
+    # A shard cut to a third of its bytes loses at least half its samples (the last shard is the smallest).
+    smallest = min(json.loads((shards / "index.json").read_text())["counts"])
+    assert last["shards_damaged"] >= 1 and last["samples_skipped"] >= smallest // 2 * last["shards_damaged"]
     assert [r["samples_skipped"] for r in records] == sorted(r["samples_skipped"] for r in records)
 
 
@@ -211,6 +213,11 @@ def test_resume_refuses_a_checkpoint_that_carries_a_pickled_callable(tmp_path):
 
     (optim,) = (out / "checkpoints").glob("step-*/zero_pp_rank_0_mp_rank_00_optim_states.pt")
     torch.save({"optimizer_state_dict": Payload()}, optim)
+    # Whoever can plant a file can rewrite the manifest too: checksums catch damage, the safe loader catches code.
+    from megafusion.training import checkpoint_manifest as manifest
+
+    ckpt = optim.parent
+    manifest.write_manifest(ckpt, 2, manifest.file_records(ckpt, manifest.checkpoint_files(ckpt)))
     proc = _run(_train_args(out, "--train.max_steps=4"))
     assert proc.returncode != 0
     assert "refused to load" in proc.stderr and optim.name in proc.stderr and "posix.system" in proc.stderr
