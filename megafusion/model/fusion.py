@@ -14,6 +14,7 @@ from megafusion.model.arch import LlamaArch
 from megafusion.model.args import SEPARATIONS, DiffusionArgs, ImageConfig, UNetConfig
 from megafusion.model.attention import ATTENTION_BACKENDS
 from megafusion.model.block import FusionBlock
+from megafusion.model.frozen_rows import FrozenSplit
 from megafusion.model.kv_cache import KVCache, cached_doc_ids, chunk_mask, extend_cache
 from megafusion.model.layers import RMSNorm
 from megafusion.model.layout import TokenLayout
@@ -46,6 +47,20 @@ class FusionOutput(ModelOutput):
     # With lm_targets: logits over base vocabulary + BOI/EOI for exactly the text rows that have a target.
     lm_logits: torch.Tensor | None = None
     lm_targets: torch.Tensor | None = None
+    # With frozen_split, for the text rows that ran without autograd and have a target: (N, 4) columns
+    # [log-sum-exp over the base vocabulary, base logit of the target (0 for BOI/EOI targets), BOI logit, EOI logit]
+    # (only the last two can carry a gradient), their targets, and the (B, S) mask of those frozen rows.
+    frozen_lm_logits: torch.Tensor | None = None
+    frozen_lm_targets: torch.Tensor | None = None
+    frozen_rows: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Trunk:
+    router: ModalityRouter
+    text_h: torch.Tensor  # final-normed text rows, grouped order
+    noise_pred: torch.Tensor | None
+    cache: KVCache | None
 
 
 class LlamaFusion(nn.Module):
@@ -148,6 +163,8 @@ class LlamaFusion(nn.Module):
         kv_cache: KVCache | None = None,
         use_cache: bool = False,
         lm_targets: torch.Tensor | None = None,
+        frozen_split: bool = False,
+        frozen_lm: bool = True,
     ) -> FusionOutput:
         """input_ids: (B, S), ignored at image positions. images: (N, C, H, W) noisy latents, one per
         image id in order, with their diffusion `timesteps` (N,).
@@ -158,14 +175,63 @@ class LlamaFusion(nn.Module):
         position_ids = its position + 1, 2, ... With `use_cache` the output carries the cache of past + new.
 
         Training: `lm_targets` (B, S) next-token targets (-100 = none) make the LM head run only on the text rows
-        that have one, inside this forward (where sharded parameters are gathered)."""
+        that have one, inside this forward (where sharded parameters are gathered).
+
+        `frozen_split` (training, with lm_targets and compute_logits=False, grad enabled, every text-group
+        parameter frozen): the rows no trainable parameter reaches (model/frozen_rows.py) run first without
+        autograd and the others attend to their cached keys/values; gradients are those of the full computation.
+        `lm_logits` then covers the other rows, `frozen_lm_logits` the frozen ones (always when the trainable BOI/EOI
+        head reaches their loss, else only with `frozen_lm`, as a loss to log), and `text_hidden` is None."""
         layout = TokenLayout.build(
             input_ids, modality, image_ids, cached_doc_ids(input_ids, doc_ids, kv_cache, len(self.layers)),
             position_ids, self.image_config.tokens_per_image,
         )
         if kv_cache is not None and position_ids is None:
             layout = replace(layout, position_ids=kv_cache.continuation_positions(layout.doc_ids))
-        router = ModalityRouter(layout.modality, self.routing_backend)
+        if frozen_split and lm_targets is not None and kv_cache is None and not use_cache and not compute_logits:
+            split = self.frozen_split(input_ids, layout)
+            if split is not None:
+                return self._forward_split(input_ids, layout, split, images, timesteps, lm_targets, frozen_lm)
+
+        trunk = self._trunk(input_ids, layout, images, timesteps, kv_cache, use_cache)
+        text_h, router = trunk.text_h, trunk.router
+        text_index = router.text_index
+        if text_index is None:
+            text_index = torch.arange(router.num_text, device=input_ids.device)
+        logits = special_logits = None
+        if compute_logits:
+            logits, special_logits = self._scatter_logits(*self.lm_logits(text_h), router, text_index)
+        lm_logits = targets = None
+        if lm_targets is not None:
+            lm_logits, targets = self._target_logits(text_h, lm_targets.reshape(-1)[text_index])
+        return FusionOutput(logits, special_logits, trunk.noise_pred, text_h, text_index, trunk.cache, lm_logits,
+                            targets)
+
+    def frozen_split(self, input_ids: torch.Tensor, layout: TokenLayout) -> FrozenSplit | None:
+        """The rows forward(frozen_split=True) would run without autograd on this batch, or None when it would run
+        the full computation (autograd off, a trainable text-group parameter, or nothing to split)."""
+        if not torch.is_grad_enabled() or not self.text_path_frozen():
+            return None
+        return FrozenSplit.of(input_ids, layout, self.arch.vocab_size)
+
+    def text_path_frozen(self) -> bool:
+        """Whether every text-group parameter (embeddings, text or shared sets, final norm, LM head: everything a
+        base-vocabulary token's hidden states pass through) is frozen, read from requires_grad."""
+        return not any(p.requires_grad for name, p in self.named_parameters() if self.parameter_group(name) == "text")
+
+    def _trunk(
+        self,
+        input_ids: torch.Tensor,
+        layout: TokenLayout,
+        images: torch.Tensor | None,
+        timesteps: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        use_cache: bool,
+        valid: torch.Tensor | None = None,
+    ) -> _Trunk:
+        """Embeddings (and U-Net down), the layers, the final norm (and U-Net up) of one chunk; `valid`: see
+        ModalityRouter."""
+        router = ModalityRouter(layout.modality, self.routing_backend, valid)
         mask, cache_image_ids = chunk_mask(layout, kv_cache)
         dtype = self.embed_tokens.weight.dtype
 
@@ -181,39 +247,83 @@ class LlamaFusion(nn.Module):
 
         rope = self.rotary(layout.position_ids, dtype)
         attention = ATTENTION_BACKENDS[self.attention_backend]
-        cached = kv_cache is not None or use_cache
         new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
-            if not cached:
+            if kv_cache is None and not use_cache:
                 h = layer(h, router, rope, mask, attention)
                 continue
             past = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
+            if not use_cache:
+                h = layer(h, router, rope, mask, attention, past_kv=past)
+                continue
             h, kv = layer(h, router, rope, mask, attention, past_kv=past, return_kv=True)
-            if use_cache:
-                new_kv.append(kv)
+            new_kv.append(kv)
 
         text_h, image_h = router.split(h)
         text_h = self.norm(text_h)
         noise_pred = None
         if num_images:
             noise_pred = self.unet_up(image_h.reshape(num_images, -1, h.shape[-1]), timesteps, skip)
+        cache = extend_cache(kv_cache, new_kv, layout, cache_image_ids) if use_cache else None
+        return _Trunk(router, text_h, noise_pred, cache)
 
-        text_index = router.text_index
-        if text_index is None:
-            text_index = torch.arange(router.num_text, device=input_ids.device)
-        logits = special_logits = None
-        if compute_logits:
-            logits, special_logits = self._scatter_logits(*self.lm_logits(text_h), router, text_index)
-        lm_logits = targets = None
-        if lm_targets is not None:
-            targets = lm_targets.reshape(-1)[text_index]
-            valid = targets != -100
-            targets = targets[valid]
-            lm_logits = torch.cat(self.lm_logits(text_h[valid]), dim=-1)
-        cache = None
-        if use_cache:
-            cache = extend_cache(kv_cache, new_kv, layout, cache_image_ids)
-        return FusionOutput(logits, special_logits, noise_pred, text_h, text_index, cache, lm_logits, targets)
+    def _target_logits(self, text_h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits over base vocabulary + BOI/EOI, targets) of the text rows (grouped order) that have a target."""
+        valid = targets != -100
+        return torch.cat(self.lm_logits(text_h[valid]), dim=-1), targets[valid]
+
+    def _forward_split(
+        self,
+        input_ids: torch.Tensor,
+        layout: TokenLayout,
+        split: FrozenSplit,
+        images: torch.Tensor | None,
+        timesteps: torch.Tensor | None,
+        lm_targets: torch.Tensor,
+        frozen_lm: bool,
+    ) -> FusionOutput:
+        """forward with the frozen rows run first, without autograd, as a KV cache the other rows continue."""
+        frozen, learning = split.frozen_rows, split.learning_rows
+        with torch.no_grad():
+            # Padding positions (id 0) are left out of every weight set: their ids are never read.
+            prefix = self._trunk(frozen.gather(input_ids, 0), frozen.layout(layout), None, None, None, True,
+                                 frozen.valid)
+        trunk = self._trunk(learning.gather(input_ids, 0), learning.layout(layout), images, timesteps, prefix.cache,
+                            False, learning.valid)
+        lm_logits, targets = self._target_logits(trunk.text_h, self._grouped(learning.gather(lm_targets, -100),
+                                                                             trunk.router))
+        frozen_targets = self._grouped(frozen.gather(lm_targets, -100), prefix.router)
+        valid = frozen_targets != -100
+        frozen_targets = frozen_targets[valid]
+        frozen_logits = None
+        if self.special_head.requires_grad or frozen_lm:
+            frozen_logits = self._frozen_target_logits(prefix.text_h[valid], frozen_targets)
+        return FusionOutput(None, None, trunk.noise_pred, None, None, None, lm_logits, targets, frozen_logits,
+                            frozen_targets, split.frozen)
+
+    @staticmethod
+    def _grouped(per_position: torch.Tensor, router: ModalityRouter) -> torch.Tensor:
+        """(B, S) values -> those of the router's text rows, in grouped order."""
+        flat = per_position.reshape(-1)
+        return flat if router.text_index is None else flat[router.text_index]
+
+    def _frozen_target_logits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The (N, 4) reduced logits of FusionOutput.frozen_lm_logits. The base vocabulary enters the loss only
+        through its log-sum-exp and the target's logit, both constants here, so its head runs without autograd;
+        only the BOI/EOI logits stay in the graph (a trainable special head makes those rows' loss learn)."""
+        vocab = self.arch.vocab_size
+        with torch.no_grad():
+            # At least fp32, as the objective's cross-entropy computes it.
+            # The base head alone (lm_logits would compute the BOI/EOI logits a second time); as a module call when
+            # untied, like lm_logits, for parameter-gathering hooks.
+            head = self.lm_head
+            base = head(hidden) if head is not None else nn.functional.linear(hidden, self.lm_head_weight)
+            base = base.to(torch.promote_types(base.dtype, torch.float32))
+            lse = torch.logsumexp(base, dim=-1, keepdim=True)
+            target = base.gather(1, targets.clamp(max=vocab - 1)[:, None])
+            target = torch.where(targets[:, None] < vocab, target, torch.zeros_like(target))
+        special = nn.functional.linear(hidden, self.special_head).to(base.dtype)
+        return torch.cat((lse, target, special), dim=-1)
 
     def _check_images(
         self, images: torch.Tensor | None, timesteps: torch.Tensor | None, num_images: int

@@ -40,14 +40,26 @@ def resolve_routing(routing: str, device: torch.device) -> str:
 
 
 class ModalityRouter:
-    def __init__(self, modality: torch.Tensor, routing: str = "index") -> None:
+    def __init__(self, modality: torch.Tensor, routing: str = "index", valid: torch.Tensor | None = None) -> None:
+        """valid: (B, S) bool, False on padding positions that no weight set should process (the frozen-row split
+        pads its packed rows): they are left out of the grouped rows, and read as zeros in sequence order."""
         self.batch, self.seq = modality.shape
         self.routing = resolve_routing(routing, modality.device)
         flat = modality.reshape(-1)
         is_image = flat == IMAGE
         self.num_image = int(is_image.sum())
-        self.num_text = flat.numel() - self.num_image
-        if self.num_image == 0 or self.num_text == 0:
+        self._padded = valid is not None and not bool(valid.all())
+        if self._padded:
+            # Sort key 0 text, 1 image, 2 padding (cut off), stable so each group keeps sequence order.
+            key = torch.where(valid.reshape(-1), is_image.to(torch.int8), torch.full_like(flat, 2, dtype=torch.int8))
+            self.num_image = int((is_image & valid.reshape(-1)).sum())
+            num_rows = int(valid.sum())
+            order = torch.argsort(key, stable=True)
+            self._order = order[:num_rows]
+            # Positions of padding point one past the grouped rows, at the zero row to_sequence appends.
+            self._inverse = torch.full_like(order, num_rows)
+            self._inverse[self._order] = torch.arange(num_rows, device=flat.device)
+        elif self.num_image == 0 or self.num_image == flat.numel():
             self._order = None
             self._inverse = None
         else:
@@ -55,6 +67,8 @@ class ModalityRouter:
             self._order = torch.argsort(is_image.to(torch.int8), stable=True)
             self._inverse = torch.empty_like(self._order)
             self._inverse[self._order] = torch.arange(flat.numel(), device=flat.device)
+        num_rows = flat.numel() if self._order is None else self._order.numel()
+        self.num_text = num_rows - self.num_image
 
     @property
     def text_index(self) -> torch.Tensor | None:
@@ -68,6 +82,8 @@ class ModalityRouter:
         return flat if self._order is None else flat.index_select(0, self._order)
 
     def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        if self._padded:
+            x = torch.cat((x, x.new_zeros(1, *x.shape[1:])), dim=0)
         flat = x if self._inverse is None else x.index_select(0, self._inverse)
         return flat.reshape(self.batch, self.seq, *x.shape[1:])
 

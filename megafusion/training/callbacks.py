@@ -146,7 +146,8 @@ class StepMetrics(Callback):
             return
         layout, is_image = result.layout, batch["modality"] == IMAGE
         needs_grad = infer_text_needs_input_grad(self.model, layout, batch["input_ids"], self.text_trainable)
-        flops = count_step_flops(self.model, layout, result.num_text_targets, self.text_trainable, needs_grad)
+        flops = count_step_flops(self.model, layout, result.num_text_targets, self.text_trainable, needs_grad,
+                                 result.frozen_rows, result.num_frozen_lm_rows)
         s = self._sums
         s["flops"] += flops.total
         s["lm_sum"] += result.lm_loss_sum.item()

@@ -35,6 +35,12 @@ are what MFU divides by the hardware peak. The rules:
   with one row per image. They are found by running the U-Net on the meta device (no memory, no compute) with
   forward hooks, so the count follows the real module tree; an unknown parametrised module raises instead of being
   silently left out.
+* Rows run without autograd (`frozen`, the mask of model/frozen_rows.py that the objective reports when the text
+  path is frozen and `train.skip_frozen_rows` is on): forward only. Their text/shared linears, their attention
+  queries and their LM head get no backward at all; their BOI/EOI logits keep the special head's weight gradient
+  (when it trains), not its input gradient. `frozen_lm_rows` of the `num_lm_rows` rows are such rows (0 when their
+  LM head was skipped: then they are not among `num_lm_rows` either). The padding the split adds to make its two
+  passes rectangular is work the model does not need and is not counted.
 * Not counted: norms (RMSNorm, GroupNorm), activations, softmax, RoPE, residual adds, the loss, embedding lookups,
   the sinusoidal timestep features, routing gathers, the optimizer step. They are memory-bound and small next to the
   matmuls, and the usual MFU convention leaves them out too.
@@ -123,25 +129,30 @@ def _rank_in_group(*keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rank, torch.bincount(group)[group]
 
 
-def _attention_pairs(layout: TokenLayout) -> int:
-    """Allowed (query, key) pairs of the hybrid mask, summed over the batch.
+def _attention_pairs(layout: TokenLayout) -> torch.Tensor:
+    """Allowed (query, key) pairs of the hybrid mask per query (B*S,).
 
     The rule is `hybrid_allowed` (same document AND (key <= query OR same image)); this counts it per query in
     O(S log S) rather than by summing `HybridMask(layout).dense()`, which takes about a second per 4096-token row
     here. Query i sees every earlier-or-equal key of its (row, document), plus, inside an image, the later keys of
     the same (row, document, image). `_check_pair_count_against_rule` holds the two together."""
     _check_pair_count_against_rule()
-    return _count_pairs(layout)
+    return _pairs_per_query(layout)
 
 
 def _count_pairs(layout: TokenLayout) -> int:
+    return int(_pairs_per_query(layout).sum())
+
+
+def _pairs_per_query(layout: TokenLayout) -> torch.Tensor:
+    """(B*S,) number of keys each query may attend to."""
     batch, seq = layout.modality.shape
     row = torch.arange(batch, device=layout.modality.device)[:, None].expand(batch, seq).reshape(-1)
     doc, img = layout.doc_ids.reshape(-1), layout.image_ids.reshape(-1)
     rank_doc, _ = _rank_in_group(row, doc)
     rank_img, size_img = _rank_in_group(row, doc, img)
     later_same_image = torch.where(img >= 0, size_img - 1 - rank_img, torch.zeros_like(rank_img))
-    return int((rank_doc + 1).sum() + later_same_image.sum())
+    return rank_doc + 1 + later_same_image
 
 
 @functools.cache
@@ -223,9 +234,12 @@ def count_step_flops(
     num_lm_rows: int,
     text_trainable: bool,
     text_needs_input_grad: bool,
+    frozen: torch.Tensor | None = None,
+    frozen_lm_rows: int = 0,
 ) -> StepFlops:
     """FLOPs of one forward + backward of `model` on a batch with this `layout`, the LM head run on `num_lm_rows`
-    text rows (rows with a target, as TransfusionObjective does). Rules: see the module docstring."""
+    text rows (rows with a target, as TransfusionObjective does), `frozen_lm_rows` of them among the (B, S) rows
+    `frozen` that ran without autograd. Rules: see the module docstring."""
     if not isinstance(model, LlamaFusion) and isinstance(getattr(model, "module", None), LlamaFusion):
         model = model.module  # a DeepSpeed engine / DDP wrapper
     arch = model.arch
@@ -234,7 +248,13 @@ def count_step_flops(
     num_text = num_rows - num_image
     if not 0 <= num_lm_rows <= num_text:
         raise ValueError(f"num_lm_rows={num_lm_rows} must lie in [0, {num_text}] (the batch's text rows)")
+    num_frozen = 0 if frozen is None else int(frozen.sum())
+    if num_frozen and (text_trainable or bool((frozen & (layout.modality == IMAGE)).any())):
+        raise ValueError("frozen rows are text rows of a model whose text path is frozen")
+    if not 0 <= frozen_lm_rows <= min(num_frozen, num_lm_rows):
+        raise ValueError(f"frozen_lm_rows={frozen_lm_rows} must lie in [0, {min(num_frozen, num_lm_rows)}]")
     text_grad = text_trainable or text_needs_input_grad
+    special_trainable = model.special_head.requires_grad
     fwd: dict[str, int] = dict.fromkeys(
         ("linear.text", "linear.image", "linear.shared", "attention", "lm_head", "special_head", "unet_down",
          "unet_up"), 0)
@@ -247,28 +267,38 @@ def count_step_flops(
                 continue
             where = f"layers.{i}.{name}"
             if routed.separate:
-                f_text = num_text * _linear_flops_per_row(routed.text, where + ".text")
+                per_row = _linear_flops_per_row(routed.text, where + ".text")
                 f_image = num_image * _linear_flops_per_row(routed.image, where + ".image")
-                fwd["linear.text"] += f_text
-                bwd["linear.text"] += _backward(f_text, text_trainable, text_grad)
+                fwd["linear.text"] += num_text * per_row
+                bwd["linear.text"] += _backward((num_text - num_frozen) * per_row, text_trainable, text_grad)
                 fwd["linear.image"] += f_image
                 bwd["linear.image"] += _backward(f_image, True, True)
             else:
-                f_shared = num_rows * _linear_flops_per_row(routed.shared, where + ".shared")
-                fwd["linear.shared"] += f_shared
-                bwd["linear.shared"] += _backward(f_shared, text_trainable, text_grad or num_image > 0)
+                per_row = _linear_flops_per_row(routed.shared, where + ".shared")
+                fwd["linear.shared"] += num_rows * per_row
+                bwd["linear.shared"] += _backward((num_rows - num_frozen) * per_row, text_trainable,
+                                                  text_grad or num_image > 0)
 
-    pairs = _attention_pairs(layout)
-    attn = len(model.layers) * arch.num_heads * (2 * pairs * arch.head_dim + 2 * pairs * arch.head_dim)
-    fwd["attention"] = attn
-    bwd["attention"] = 2 * attn if (text_grad or num_image > 0) else 0
+    pairs_per_query = _attention_pairs(layout)
+    pairs = int(pairs_per_query.sum())
+    learning_pairs = pairs - (int(pairs_per_query[frozen.reshape(-1)].sum()) if num_frozen else 0)
 
-    head = 2 * num_lm_rows * arch.hidden_size * arch.vocab_size
-    fwd["lm_head"] = head
-    bwd["lm_head"] = _backward(head, text_trainable, text_grad)
-    special = 2 * num_lm_rows * arch.hidden_size * NUM_SPECIAL_TOKENS
-    fwd["special_head"] = special
-    bwd["special_head"] = _backward(special, True, text_grad)
+    def attention_flops(num_pairs: int) -> int:
+        return len(model.layers) * arch.num_heads * (2 * num_pairs * arch.head_dim + 2 * num_pairs * arch.head_dim)
+
+    fwd["attention"] = attention_flops(pairs)
+    bwd["attention"] = 2 * attention_flops(learning_pairs) if (text_grad or num_image > 0) else 0
+
+    def per_lm_row(width: int) -> int:
+        return 2 * arch.hidden_size * width
+
+    learning_lm_rows = num_lm_rows - frozen_lm_rows
+    fwd["lm_head"] = num_lm_rows * per_lm_row(arch.vocab_size)
+    bwd["lm_head"] = _backward(learning_lm_rows * per_lm_row(arch.vocab_size), text_trainable, text_grad)
+    special = per_lm_row(NUM_SPECIAL_TOKENS)
+    fwd["special_head"] = num_lm_rows * special
+    bwd["special_head"] = (_backward(learning_lm_rows * special, special_trainable, text_grad)
+                           + _backward(frozen_lm_rows * special, special_trainable, False))
 
     tokens_per_image = model.image_config.tokens_per_image
     if num_image:

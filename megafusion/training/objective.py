@@ -4,15 +4,25 @@ The objective reports each term as a SUM with its COUNT (CE summed over the text
 the latent elements). With a `LossNormalizer` (what training uses) `loss` is normalised by the GLOBAL counts (all
 accumulation micro-batches, all data-parallel ranks): L = sum CE / N_text + lambda * sum SE / N_latent, so a
 gradient never depends on how documents happened to pack into micro-batches. Without one, `loss` is this
-micro-batch's mean objective (inference-style callers, tests)."""
+micro-batch's mean objective (inference-style callers, tests).
+
+With `skip_frozen_rows` the model runs the rows no trainable parameter reaches without autograd
+(model/frozen_rows.py) and hands back their loss in reduced form: per row the base vocabulary's log-sum-exp and
+target logit (constants) beside the BOI/EOI logits (in the graph when the special head trains). The cross-entropy
+over [base vocabulary + BOI/EOI] is then logaddexp(lse_base, lse_special) - target logit: the same value and the
+same gradient as over the full logits, without the LM head's backward. When nothing trainable reaches those rows
+their loss is a constant and is computed only every `frozen_loss_every`-th call (0 = never), for the log; the loss
+is normalised by every target all the same, so gradients never change."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from megafusion.config.schema import MegaFusionConfig
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model.fusion import LlamaFusion
 from megafusion.model.layout import IMAGE, TokenLayout
@@ -78,6 +88,9 @@ class LossOutput(LossTerms):
     num_images: int
     # The batch layout the model ran on (the trainer's FLOP count reads it).
     layout: TokenLayout
+    # (B, S) rows run without autograd (None: no split), and how many of num_text_targets lie on them.
+    frozen_rows: torch.Tensor | None = None
+    num_frozen_lm_rows: int = 0
 
 
 def mean_of(total: torch.Tensor, count: int) -> torch.Tensor:
@@ -102,10 +115,41 @@ def next_token_targets(
     return targets
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """The losses are computed in fp32 from bf16 outputs; an fp64 model (exactness tests) keeps fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """`flag` on every rank (one tiny all-reduce when distributed). The split runs every block twice (frozen rows,
+    then the rest): where a block's forward gathers its sharded weights collectively (FSDP, ZeRO-3) every
+    data-parallel rank must make the same choice, or their collectives stop matching."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() == 1.0)
+
+
+def frozen_rows_cross_entropy(reduced: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-row cross-entropy over [base vocabulary + BOI/EOI] from FusionOutput.frozen_lm_logits' (N, 4) columns
+    [lse of the base logits, base logit of the target, BOI logit, EOI logit]; exact in value and gradient."""
+    lse = torch.logsumexp(reduced[:, [0, 2, 3]], dim=-1)
+    special = targets >= vocab_size
+    special_target = reduced[:, 2:].gather(1, (targets - vocab_size).clamp(min=0)[:, None]).squeeze(1)
+    return lse - torch.where(special, special_target, reduced[:, 1])
+
+
 class TransfusionObjective:
-    def __init__(self, schedule: DDPMSchedule, loss_weight: float) -> None:
+    def __init__(self, schedule: DDPMSchedule, loss_weight: float, skip_frozen_rows: bool = False,
+                 frozen_loss_every: int = 0) -> None:
+        """skip_frozen_rows, frozen_loss_every: see the module docstring (`build_objective` takes them from the run
+        config, where the skip is on by default)."""
         self.schedule = schedule
         self.loss_weight = loss_weight
+        self.skip_frozen_rows = skip_frozen_rows
+        self.frozen_loss_every = frozen_loss_every
+        self._calls = 0
 
     def __call__(
         self,
@@ -138,19 +182,33 @@ class TransfusionObjective:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
             noisy = self.schedule.add_noise(latents, noise, timesteps)
         targets = next_token_targets(input_ids, layout.modality, layout.doc_ids, labels)
+        self._calls += 1
+        log_frozen = self.frozen_loss_every > 0 and self._calls % self.frozen_loss_every == 0
+        split = self.skip_frozen_rows and all_ranks_agree(model.frozen_split(input_ids, layout) is not None,
+                                                          input_ids.device)
         out = model(
             input_ids, layout.modality, layout.image_ids, layout.doc_ids, layout.position_ids, images=noisy,
-            timesteps=timesteps, compute_logits=False, lm_targets=targets,
+            timesteps=timesteps, compute_logits=False, lm_targets=targets, frozen_split=split, frozen_lm=log_frozen,
         )
         num_targets = int(out.lm_targets.numel())
-        logits = out.lm_logits.float()
+        logits = at_least_fp32(out.lm_logits)
         # sum / count is bitwise torch's mean reduction for CE, in the forward and the backward.
         lm_sum = F.cross_entropy(logits, out.lm_targets, reduction="sum") if num_targets else logits.sum() * 0.0
-        lm_loss = mean_of(lm_sum, num_targets)
+        # The denominator counts every target, also those of frozen rows whose (constant) loss was not computed.
+        all_targets = num_targets
+        num_frozen = 0
+        if out.frozen_rows is not None:
+            all_targets += int(out.frozen_lm_targets.numel())
+            if out.frozen_lm_logits is not None:
+                num_frozen = int(out.frozen_lm_targets.numel())
+                lm_sum = lm_sum + frozen_rows_cross_entropy(out.frozen_lm_logits, out.frozen_lm_targets,
+                                                            model.arch.vocab_size).sum()
+        lm_loss = mean_of(lm_sum, all_targets)
+        num_targets += num_frozen
 
         num_elements = 0
         if num_images:
-            pred, target = out.noise_pred.float(), noise.float()
+            pred, target = at_least_fp32(out.noise_pred), at_least_fp32(noise)
             num_elements = target.numel()
             diffusion_sum = F.mse_loss(pred, target, reduction="sum")
             # torch's own mean reduction for the term that is backpropagated: its backward rounds differently from
@@ -162,4 +220,12 @@ class TransfusionObjective:
             loss = lm_loss + self.loss_weight * diffusion_loss
         else:
             loss = normalizer.loss(lm_sum, diffusion_sum, self.loss_weight)
-        return LossOutput(loss, lm_sum, num_targets, diffusion_sum, num_elements, num_images, layout)
+        return LossOutput(loss, lm_sum, num_targets, diffusion_sum, num_elements, num_images, layout,
+                          out.frozen_rows, num_frozen)
+
+
+def build_objective(cfg: MegaFusionConfig) -> TransfusionObjective:
+    """The run's objective, as its config describes it."""
+    return TransfusionObjective(DDPMSchedule(cfg.diffusion), cfg.diffusion.loss_weight,
+                                skip_frozen_rows=cfg.train.skip_frozen_rows,
+                                frozen_loss_every=cfg.train.frozen_loss_every)

@@ -54,6 +54,9 @@ class LossModule(nn.Module):
             "diffusion_loss_sum": out.diffusion_loss_sum.detach(),
             "num_latent_elements": out.num_latent_elements,
             "num_images": out.num_images,
+            # Which rows ran without autograd (the FLOP count reads it) and how many targets lie on them.
+            "frozen_rows": out.frozen_rows,
+            "num_frozen_lm_rows": out.num_frozen_lm_rows,
         }
 
 
@@ -76,6 +79,8 @@ class MicroStep(LossTerms):
     num_latent_elements: int
     num_images: int
     layout: TokenLayout
+    frozen_rows: torch.Tensor | None = None
+    num_frozen_lm_rows: int = 0
 
 
 def all_ranks_finite(loss: torch.Tensor) -> bool:
@@ -112,7 +117,8 @@ class TrainStep:
             return None  # dropped before backward on every rank alike: no gradient or optimizer state sees it
         self.engine.backward(loss)
         return MicroStep(loss.detach(), out["lm_loss_sum"], out["num_text_targets"], out["diffusion_loss_sum"],
-                         out["num_latent_elements"], out["num_images"], layout)
+                         out["num_latent_elements"], out["num_images"], layout, out.get("frozen_rows"),
+                         out.get("num_frozen_lm_rows", 0))
 
 
 def global_normalizer(batches: list[dict[str, Any]], engine_scale: float, group: Any = None) -> LossNormalizer:

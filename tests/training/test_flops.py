@@ -281,3 +281,54 @@ def test_text_only_frozen_step_matches_flop_counter_mode():
     # A BOI in the batch makes the (trainable) special embedding part of every text row.
     boi_ids = torch.tensor([[1, 2, 11, 4]])
     assert infer_text_needs_input_grad(model, TokenLayout.build(boi_ids), boi_ids, text_trainable=False)
+
+
+# --------------------------------------------------------------------------------- rows run without autograd
+def test_frozen_rows_have_forward_only():
+    # Doc 0: T T [I I I I] T T, doc 1: T T (text only). Frozen: doc 0's first 2 rows and doc 1's 2 rows.
+    lay = layout([T, T, I, I, I, I, T, T, T, T], doc_ids=[[0] * 8 + [1] * 2])
+    frozen = torch.tensor([[True, True] + [False] * 6 + [True, True]])
+    model = tiny_model()
+    full = count_step_flops(model, lay, 5, text_trainable=False, text_needs_input_grad=True)
+    got = count_step_flops(model, lay, 5, False, True, frozen=frozen, frozen_lm_rows=3)
+    assert got.forward == full.forward
+    diff = {k: full.breakdown[k] - v for k, v in got.breakdown.items() if v != full.breakdown[k]}
+    # Frozen queries see 1 + 2 (doc 0) + 1 + 2 (doc 1) keys.
+    frozen_attention = 2 * (2 * 6 * 4 + 2 * 6 * 4)
+    assert diff == {
+        "linear.text.backward": 4 * PER_ROW,  # input grads of 4 of the 6 text rows
+        "attention.backward": 2 * frozen_attention,
+        "lm_head.backward": 3 * 2 * 8 * 11,  # input grad of 3 of the 5 LM rows
+        "special_head.backward": 3 * 2 * 8 * 2,  # and of their BOI/EOI logits (the weight grad stays)
+    }
+    shared = count_step_flops(tiny_model("none"), lay, 5, False, True, frozen=frozen, frozen_lm_rows=3)
+    assert shared.breakdown["linear.shared.backward"] == 6 * PER_ROW  # all rows but the 4 frozen ones
+    with pytest.raises(ValueError, match="frozen"):
+        count_step_flops(model, lay, 5, True, True, frozen=frozen, frozen_lm_rows=3)
+    with pytest.raises(ValueError, match="frozen_lm_rows"):
+        count_step_flops(model, lay, 5, False, True, frozen=frozen, frozen_lm_rows=5)
+
+
+def test_frozen_rows_step_matches_flop_counter_mode():
+    """The objective with the split on, on rows that need no padding (2 frozen rows each), against torch's count."""
+    model = tiny_model()
+    for _, p in model.grouped_parameters()["text"]:
+        p.requires_grad_(False)
+    boi, eoi = 11, 12
+    ids = torch.tensor([[1, 2, boi, 0, 0, 0, 0, eoi, 3, 4], [9, boi, 0, 0, 0, 0, eoi, 7, 8, 5]])
+    modality = torch.tensor([[T, T, T, I, I, I, I, T, T, T], [T, T, I, I, I, I, T, T, T, T]])
+    doc_ids = torch.tensor([[0] * 10, [0] * 9 + [1]])
+    latents = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    objective = TransfusionObjective(DDPMSchedule(), loss_weight=5.0, skip_frozen_rows=True)
+    with FlopCounterMode(display=False) as fwd_mode:
+        out = objective(model, ids, modality, latents=latents, doc_ids=doc_ids,
+                        generator=torch.Generator().manual_seed(1))
+    with FlopCounterMode(display=False) as bwd_mode:
+        out.loss.backward()
+    assert out.frozen_rows.sum(1).tolist() == [2, 2] and out.num_frozen_lm_rows == 3
+    lay = TokenLayout.build(ids, modality, doc_ids=doc_ids, tokens_per_image=4)
+    got = count_step_flops(model, lay, out.num_text_targets, False, True, out.frozen_rows, out.num_frozen_lm_rows)
+    assert got.forward - got.breakdown["attention.forward"] == measured(fwd_mode)
+    assert got.backward - got.breakdown["attention.backward"] == measured(bwd_mode)
+    full = count_step_flops(model, lay, out.num_text_targets, False, True)
+    assert got.forward == full.forward and got.backward < full.backward
