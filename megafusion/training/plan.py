@@ -101,14 +101,17 @@ def _tp_sharded(name: str, param: nn.Parameter, tied: bool) -> bool:
     return name in ("embed_tokens.weight", "lm_head.weight") and not tied
 
 
-def count_parameters(model: LlamaFusion, train_text: bool) -> ModelParams:
-    """Exact per-category counts of `model` (meta tensors are fine: only shapes are read)."""
+def count_parameters(model: LlamaFusion, train_text: bool, keep: Callable[[str], bool] | None = None) -> ModelParams:
+    """Exact per-category counts of `model` (meta tensors are fine: only shapes are read); with `keep`, of the
+    parameters whose name it accepts (one pipeline stage)."""
     from megafusion.parallel.memory import ModelParams, ParamSplit
 
     tied = model.lm_head is None
     blocks: dict[str, ParamSplit] = {}
     root = ParamSplit()
     for name, p in model.named_parameters():
+        if keep is not None and not keep(name):
+            continue
         trainable = train_text or model.parameter_group(name) == "image"
         tp = _tp_sharded(name, p, tied)
         n = p.numel()
@@ -264,10 +267,91 @@ def build_plan(
         if tp not in tps and tp not in excluded:
             excluded[tp] = f"needs {tp} GPUs in one node dividing {num_gpus}"
     estimates = [estimate(layout, params, shape, tokens, image_fraction) for layout in candidate_layouts(num_gpus, tps)]
+    estimates += pipeline_estimates(model, cfg, shape, num_gpus, tps, tokens, image_fraction)
     plan = Plan(config_name, llama, source, cfg, params, image_group, shape, tokens, image_fraction, num_gpus,
                 gpus_per_node, gpu_memory_gib, margin, estimates, excluded, None)
     plan.recommended = recommend(estimates, plan.budget)
     return plan
+
+
+PP_CANDIDATES = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """A torch-engine layout with pp pipeline stages (Layout's fields plus pp and the schedule)."""
+
+    engine: str
+    zero_stage: int
+    tp: int
+    dp: int
+    pp: int
+    schedule: str
+    # train.grad_accum_steps the run needs (a schedule call has at least pp micro-batches); 0 = the config's.
+    grad_accum_steps: int = 0
+
+    @property
+    def name(self) -> str:
+        fsdp = f" x fsdp{self.dp}" if self.dp > 1 else ""
+        return f"torch pp{self.pp} x tp{self.tp}{fsdp}"
+
+    @property
+    def overrides(self) -> str:
+        accum = f" --train.grad_accum_steps={self.grad_accum_steps}" if self.grad_accum_steps else ""
+        return (f"--train.engine=torch --parallel.pp={self.pp} --parallel.pp_schedule={self.schedule} "
+                f"--parallel.tp={self.tp} --parallel.dp_shard=-1{accum}")
+
+
+def pipeline_estimates(model: LlamaFusion, cfg: MegaFusionConfig, shape: ActivationShape, num_gpus: int,
+                       tps: list[int], tokens: int, image_fraction: float) -> list[Estimate]:
+    """Per-GPU memory of the heaviest stage for pp in PP_CANDIDATES (even layer split, parallel.pp_schedule of the
+    config, 1F1B unless it says gpipe). A stage holds its layers (+ embedding and U-Net down on the first, LM head
+    and U-Net up on the last: its parameters are counted exactly) and the saved activations of the micro-batches in
+    flight on it: stage s of p keeps min(m, p - s) under 1F1B, all m under GPipe (m = train.grad_accum_steps, the
+    schedule's micro-batches)."""
+    from dataclasses import replace
+
+    from megafusion.parallel.memory import Activations, Estimate, activations, layout_states
+    from megafusion.parallel.pipeline_split import even_split
+
+    schedule = "gpipe" if cfg.parallel.pp_schedule == "gpipe" else "1f1b"
+    configured = cfg.parallel.pp_microbatches or cfg.train.grad_accum_steps
+    tied = model.lm_head is None
+    out = []
+    for tp in tps:
+        for pp in PP_CANDIDATES:
+            if num_gpus % (tp * pp) or pp > shape.layers:
+                continue
+            dp = num_gpus // (tp * pp)
+            m = max(configured, pp)  # plan_pipeline refuses fewer micro-batches than stages
+            layout = PipelineLayout("torch", 3, tp, dp, pp, schedule,
+                                    m if m != cfg.train.grad_accum_steps else 0)
+            heaviest, start = None, 0
+            for s, count in enumerate(even_split(shape.layers, pp)):
+                first, last, layers = s == 0, s == pp - 1, range(start, start + count)
+                start += count
+                stage_params = count_parameters(model, text_trainable(cfg), _stage_names(layers, first, last, tied))
+                in_flight = m if schedule == "gpipe" else min(m, pp - s)
+                act = activations(replace(shape, layers=count), tokens, image_fraction, tp)
+                act = Activations(layers=act.layers * in_flight,
+                                  layers_checkpointed=act.layers_checkpointed * in_flight,
+                                  unet=act.unet * in_flight if first or last else 0.0,
+                                  logits=act.logits * in_flight if last else 0.0)
+                e = Estimate(layout, layout_states(layout, stage_params), act)  # type: ignore[arg-type]
+                if heaviest is None or e.total_checkpointed > heaviest.total_checkpointed:
+                    heaviest = e
+            out.append(heaviest)
+    return out
+
+
+def _stage_names(layers: range, first: bool, last: bool, tied: bool) -> Callable[[str], bool]:
+    def keep(name: str) -> bool:
+        if name.startswith("layers."):
+            return int(name.split(".")[1]) in layers
+        if name.startswith(("embed_tokens.", "special_embed", "unet_down.")):
+            return first or (last and tied and name.startswith("embed_tokens."))
+        return last  # norm, lm_head, special_head, unet_up
+    return keep
 
 
 def _b(n: float) -> str:

@@ -8,7 +8,11 @@ every rank's shards; AdamW and the LR schedule exactly as build_optimizer / buil
 
 Gradients are SUMMED over data-parallel ranks (parallel/fsdp.py) and accumulated over micro-batches, and every
 micro-batch's loss is normalised by the step's global counts (summed over the data-parallel group only: the tp
-ranks of a replica see the same batch), so the loss scale is 1."""
+ranks of a replica see the same batch), so the loss scale is 1.
+
+With parallel.pp > 1 (_setup_pipeline) the model is split into pipeline stages first (megafusion.parallel.pipeline)
+and the step is training.pipeline_step.PipelineTrainStep; the engine then holds this rank's stages as one module
+under the full model's parameter names, so checkpoints move between pipelined and unpipelined layouts."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from megafusion.config.schema import MegaFusionConfig
-from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model.arch import LlamaArch
 from megafusion.model.fusion import LlamaFusion
 from megafusion.parallel import (
@@ -45,9 +49,20 @@ from megafusion.parallel import (
     parallelize_fusion,
     tp_mesh,
 )
+from megafusion.parallel.pipeline import (
+    PipelineRunner,
+    RankModel,
+    build_pipeline_mesh,
+    build_stages,
+    load_stage_weights,
+    parallelize_stage,
+    pipeline_clip_grad_norm_,
+    pp_mesh,
+)
+from megafusion.parallel.pipeline_split import PipelinePlan, max_images_per_row, plan_pipeline
 from megafusion.training.data_streams import DataStreams, seed_of_stream, streams_of_rank
 from megafusion.training.dcp_checkpoints import DcpCheckpointManager
-from megafusion.training.objective import TransfusionObjective
+from megafusion.training.objective import build_objective
 from megafusion.training.optim import build_lr_scheduler, build_optimizer, freeze_zero_lr_groups
 from megafusion.training.run_setup import (
     RunContext,
@@ -72,10 +87,13 @@ class TorchEngine:
     # summed over micro-batches and data-parallel ranks of a globally normalised loss.
     dp_world_size = 1
 
-    def __init__(self, module: LossModule, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+    def __init__(self, module: LossModule | PipelineModule, optimizer: torch.optim.Optimizer, scheduler: Any, *,
                  micro_batches_per_step: int, grad_clip: float, autocast_dtype: torch.dtype | None,
-                 device: torch.device) -> None:
+                 device: torch.device, clip: Callable[[list[torch.Tensor], float], torch.Tensor] = clip_grad_norm_
+                 ) -> None:
+        """clip: the norm-and-clip over every rank holding a part of the model (pipeline: over all stages)."""
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.clip = clip
         self.micro_batches_per_step, self.grad_clip = micro_batches_per_step, grad_clip
         self.autocast_dtype, self.device = autocast_dtype, device
         self._micro = 0
@@ -101,7 +119,7 @@ class TorchEngine:
             return
         trainable = [p for p in self.module.parameters() if p.requires_grad]
         # grad_clip 0 = no clipping (DeepSpeed's meaning); the norm is still measured for the metrics.
-        norm = clip_grad_norm_(trainable, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        norm = self.clip(trainable, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self._grad_norm = float(norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -140,9 +158,29 @@ def validate_torch_run(cfg: MegaFusionConfig, world_size: int) -> tuple[RunConte
     ctx = prepare_run(cfg)
     arch = base_arch(ctx.base)
     p = cfg.parallel
-    layout = MeshLayout(p.dp_replicate, p.dp_shard, p.tp).resolve(world_size, arch)
+    pipeline_plan(cfg, arch, world_size)
+    layout = MeshLayout(p.dp_replicate, p.dp_shard, p.tp).resolve(world_size // p.pp, arch)
     check_parallel_support(layout, engine="torch", attention=cfg.model.attention, routing=cfg.model.routing)
     return ctx, layout, arch
+
+
+def pipeline_plan(cfg: MegaFusionConfig, arch: LlamaArch, world_size: int) -> PipelinePlan:
+    """The parallel.pp* settings checked against the world size, the model and the rest of the run config."""
+    p = cfg.parallel
+    plan = plan_pipeline(pp=p.pp, schedule=p.pp_schedule, microbatches=p.pp_microbatches, pp_layers=p.pp_layers,
+                         num_layers=arch.num_layers, grad_accum_steps=cfg.train.grad_accum_steps,
+                         engine=cfg.train.engine)
+    if world_size % p.pp:
+        raise ValueError(f"parallel.pp ({p.pp}) must divide the world size {world_size}")
+    if p.pp > 1 and arch.tie_word_embeddings and cfg.optim.lr_text > 0:
+        # The first and last stages each hold a copy of a tied table: a trained one would need their gradients
+        # summed and both copies stepped alike, which nothing here does.
+        raise ValueError(f"parallel.pp ({p.pp}) with a tied-embedding base needs optim.lr_text: 0 (got "
+                         f"{cfg.optim.lr_text}): the first and last stages each keep a frozen copy of the table")
+    if p.pp > 1 and cfg.model.routing != "index":
+        raise ValueError(f"model.routing: {cfg.model.routing} is not supported with parallel.pp ({p.pp}) > 1; use "
+                         "model.routing: index")
+    return plan
 
 
 def _init_process_group() -> tuple[int, int]:
@@ -159,11 +197,15 @@ def setup_torch_training(cfg: MegaFusionConfig) -> TrainingSetup:
     from megafusion.data_pipeline.tokenizer import load_tokenizer
     from megafusion.training.run_checkpoints import hash_weights
 
-    ctx, layout, arch = validate_torch_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    ctx, layout, arch = validate_torch_run(cfg, world_size)
     num_streams = _stream_count(cfg, ctx.output_dir / "checkpoints", layout)  # may refuse: still before any work
     tok = load_tokenizer(ctx.tokenizer)
     rank, world = _init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.parallel.pp > 1:
+        return _setup_pipeline(cfg, ctx, layout, arch, pipeline_plan(cfg, arch, world_size), num_streams, tok,
+                               rank, world, device)
     mesh = build_device_mesh(layout)
     m = cfg.model
     model = build_on_meta(arch, m.separation, cfg.image, cfg.unet, attention=m.attention,
@@ -194,7 +236,7 @@ def setup_torch_training(cfg: MegaFusionConfig) -> TrainingSetup:
                       "streams": num_streams},
     )
     streams = streams_of_rank(num_streams, dp.get_local_rank(), dp.size())
-    objective = TransfusionObjective(DDPMSchedule(cfg.diffusion), cfg.diffusion.loss_weight)
+    objective = build_objective(cfg)
     micro_batches = cfg.train.grad_accum_steps * len(streams)
     engine = TorchEngine(LossModule(model, objective), optimizer, scheduler, micro_batches_per_step=micro_batches,
                          grad_clip=cfg.train.grad_clip, autocast_dtype=torch.bfloat16 if bf16 and layout.dp == 1
@@ -210,11 +252,81 @@ def setup_torch_training(cfg: MegaFusionConfig) -> TrainingSetup:
                          checkpoints=checkpoints, streams=streams)
 
 
+def _setup_pipeline(cfg: MegaFusionConfig, ctx: RunContext, layout: MeshLayout, arch: LlamaArch, plan: PipelinePlan,
+                    num_streams: int, tok: Any, rank: int, world: int, device: torch.device) -> TrainingSetup:
+    """setup_torch_training for parallel.pp > 1: pipeline split, then per stage tp -> checkpointing -> FSDP2,
+    then the stage's weights. Every rank reads the base once (only its stage's tensors are kept)."""
+    from megafusion.training.pipeline_step import PipelineTrainStep
+    from megafusion.training.run_checkpoints import hash_weights
+
+    mesh = build_pipeline_mesh(plan.pp, layout)
+    m = cfg.model
+    model = build_on_meta(arch, m.separation, cfg.image, cfg.unet, attention=m.attention, routing=m.routing)
+    record_training_facts(model, cfg, tok, ctx.tokenizer)
+    model.base_path = str(ctx.base)
+    precision = resolve_precision(cfg.train.precision, model, rank)
+    bf16 = precision.precision == "bf16"
+    freeze_zero_lr_groups(model, cfg.optim)
+    max_images = cfg.train.micro_batch_size * max_images_per_row(cfg.data.max_len, cfg.image.tokens_per_image)
+    stages = build_stages(model, plan, pp_mesh(mesh).get_local_rank(), max_images)
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    torch.manual_seed(cfg.train.seed)  # the U-Net init of one process with the same seed
+    full = LlamaFusion.from_llama(ctx.base, m.separation, cfg.image, cfg.unet, attention=m.attention,
+                                  routing=m.routing).state_dict()
+    for stage in stages:
+        parallelize_stage(stage, mesh, activation_checkpointing=cfg.train.activation_checkpointing,
+                          mp_policy=mp_policy)
+        load_stage_weights(stage, full, device)
+    del full
+    rank_model = RankModel(stages)
+    optimizer = build_optimizer(rank_model, cfg.optim)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim)
+    dp = dp_mesh(mesh)
+    first_of_replica = tp_mesh(mesh).get_local_rank() == 0 and pp_mesh(mesh).get_local_rank() == 0
+    checkpoints = DcpCheckpointManager(
+        ctx.output_dir / "checkpoints", cfg.train.keep_last,
+        {"path": str(ctx.base.resolve()), "sha256": hash_weights(ctx.base)}, rank, world,
+        writes_streams=first_of_replica,
+        client_extra={"engine": "torch", "layout": [layout.dp_replicate, layout.dp_shard, layout.tp],
+                      "pp": plan.pp, "streams": num_streams},
+    )
+    streams = streams_of_rank(num_streams, dp.get_local_rank(), dp.size())
+    # The stages compute the loss terms themselves (in full: train.skip_frozen_rows does not apply, and only saves
+    # compute when it does); the objective gives the noise schedule and loss weight.
+    objective = build_objective(cfg)
+    micro_batches = cfg.train.grad_accum_steps * len(streams)
+    engine = TorchEngine(PipelineModule(rank_model), optimizer, scheduler, micro_batches_per_step=micro_batches,
+                         grad_clip=cfg.train.grad_clip, autocast_dtype=None, device=device,
+                         clip=lambda params, max_norm: pipeline_clip_grad_norm_(params, max_norm, mesh))
+    runner = PipelineRunner(plan, stages, mesh, device)
+    image_shape = (cfg.image.latent_channels, cfg.image.latent_size, cfg.image.latent_size)
+    step = PipelineTrainStep(engine, cfg.image.tokens_per_image, runner, objective, max_images=max_images,
+                             image_shape=image_shape, rows=cfg.train.micro_batch_size, max_len=cfg.data.max_len,
+                             autocast_dtype=torch.bfloat16 if bf16 and layout.dp == 1 else None)
+    if rank == 0:
+        log.warning("torch engine: pp %d (%s, %d micro-batches per schedule call, layers %s) x dp_replicate %d x "
+                    "dp_shard %d x tp %d, %d data streams", plan.pp, plan.schedule, plan.microbatches,
+                    [len(s) for s in plan.stage_layers], layout.dp_replicate, layout.dp_shard, layout.tp,
+                    num_streams)
+    return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer, step, precision,
+                         data_group=dp.get_group(), micro_batches_per_step=micro_batches,
+                         batch_replicas=layout.tp * plan.pp, checkpoints=checkpoints, streams=streams)
+
+
+class PipelineModule(torch.nn.Module):
+    """What TorchEngine holds under pipeline parallel: this rank's stages as one module (`model`, whose
+    state-dict keys are the full model's), in place of LossModule."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
 def _stream_count(cfg: MegaFusionConfig, directory: Path, layout: MeshLayout) -> int:
     """The run's data streams: from the checkpoint it resumes, else this layout's data-parallel degree. Raises
     (naming the keys) when the layout cannot continue the checkpoint's data order."""
     checkpoints = DcpCheckpointManager(directory, 1, {}, 0, 1, writes_streams=False, client_extra={})
-    tag = checkpoints.latest_tag() if cfg.train.resume else None
+    tag = checkpoints.resume_tag() if cfg.train.resume else None  # the one the loop will resume
     if tag is None:
         return layout.dp
     client = checkpoints.read_client(tag)
@@ -251,7 +363,8 @@ def build_torch_loader(run: TrainingSetup) -> DataStreams:
     for s in run.streams:
         stream = LatentSequenceStream(run.ctx.shards, run.ctx.tokenizer, cfg.image.tokens_per_image, model.boi_id,
                                       model.eoi_id, cfg.data, rank=s, world_size=num_streams)
-        loaders.append(build_loader(stream, cfg.train.micro_batch_size))
+        loaders.append(build_loader(stream, cfg.train.micro_batch_size,
+                                    allow_data_change=cfg.train.allow_data_change))
         generators.append(torch.Generator().manual_seed(seed_of_stream(cfg.train.seed, s)))
     streams = DataStreams(list(run.streams), loaders, generators)
     run.step.streams = streams
