@@ -143,10 +143,18 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
+    # Rows no trainable parameter reaches (with the text path frozen: text before the first image or BOI/EOI of
+    # its document) run without autograd; gradients unchanged (model/frozen_rows.py). Off = the full computation.
+    skip_frozen_rows: bool = True
+    # When nothing trainable reaches those rows' loss (a frozen BOI/EOI head) it is skipped too; compute it for the
+    # log every N-th micro-batch (0 = never).
+    frozen_loss_every: int = 0
     log_every: int = 1
     save_every: int = 1000
     keep_last: int = 3
     resume: bool = True
+    # Resume even though data.shards changed since the checkpoint (its epoch order then restarts).
+    allow_data_change: bool = False
     # K non-finite losses in a row stop the run; each one alone is skipped and counted.
     max_nonfinite_in_a_row: int = 5
     # Peak dense TFLOP/s of one device (benchmarks/matmul_peak.py measures it); 0 = do not report MFU.
@@ -164,6 +172,7 @@ class TrainConfig:
         _require(self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         _require(self.grad_clip >= 0, f"grad_clip: must be >= 0, got {self.grad_clip}")
         _require(self.log_every >= 1, f"log_every: must be >= 1, got {self.log_every}")
+        _require(self.frozen_loss_every >= 0, f"frozen_loss_every: must be >= 0, got {self.frozen_loss_every}")
         _require(self.save_every >= 1, f"save_every: must be >= 1, got {self.save_every}")
         _require(self.keep_last >= 1, f"keep_last: must be >= 1, got {self.keep_last}")
         _require(
@@ -178,15 +187,26 @@ class TrainConfig:
 class ParallelConfig:
     """Degrees of the torch engine's device mesh (dp_replicate x dp_shard x tp = world size), torchtitan-style:
     tp shards every routed projection of both weight sets inside a node, dp_shard is FSDP2 full sharding,
-    dp_replicate > 1 makes it hybrid (replicate across nodes x shard within). pp / cp are not implemented."""
+    dp_replicate > 1 makes it hybrid (replicate across nodes x shard within); pp splits the layers into pipeline
+    stages (outermost). cp is not implemented."""
 
     # Tensor-parallel degree: must divide the query heads, key/value heads and the FFN width.
     tp: int = 1
     # FSDP2 shard degree; -1 = whatever the world size leaves after tp and dp_replicate.
     dp_shard: int = -1
     dp_replicate: int = 1
+    # Pipeline stages (torch engine; megafusion/parallel/pipeline.py): world size = pp x dp_replicate x dp_shard x
+    # tp. pp_schedule: gpipe | 1f1b | interleaved_1f1b (two stages per rank); pp_microbatches per schedule call
+    # (0 = train.grad_accum_steps, which it must divide); pp_layers: layers per stage, first to last (empty = even).
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int = 0
+    pp_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _require(self.pp >= 1, f"pp: must be >= 1, got {self.pp}")
+        _require(self.pp_microbatches >= 0, f"pp_microbatches: must be >= 0, got {self.pp_microbatches}")
+        _require(all(n >= 1 for n in self.pp_layers), f"pp_layers: every stage needs >= 1 layer, got {self.pp_layers}")
         _require(self.tp >= 1, f"tp: must be >= 1, got {self.tp}")
         _require(self.dp_shard == -1 or self.dp_shard >= 1, f"dp_shard: must be -1 (auto) or >= 1, got {self.dp_shard}")
         _require(self.dp_replicate >= 1, f"dp_replicate: must be >= 1, got {self.dp_replicate}")

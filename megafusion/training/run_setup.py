@@ -16,14 +16,13 @@ from megafusion.common.precision import PrecisionChoice, choose_precision, model
 from megafusion.config.schema import MegaFusionConfig
 from megafusion.data_pipeline.loader import LatentSequenceStream, build_loader
 from megafusion.data_pipeline.tokenizer import TextTokenizer
-from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.model.fusion import LlamaFusion
 from megafusion.training.deepspeed_setup import (
     apply_layer_checkpointing,
     deepspeed_config,
     register_zero3_external_parameters,
 )
-from megafusion.training.objective import TransfusionObjective
+from megafusion.training.objective import build_objective
 from megafusion.training.optim import build_lr_scheduler, build_optimizer
 from megafusion.training.safe_load import install_safe_loading
 from megafusion.training.step import LossModule, TrainStep
@@ -74,6 +73,9 @@ def prepare_run(cfg: MegaFusionConfig) -> RunContext:
         p = cfg.parallel
         check_parallel_support(MeshLayout(p.dp_replicate, p.dp_shard, p.tp), engine="deepspeed",
                                attention=cfg.model.attention, routing=cfg.model.routing)
+        from megafusion.parallel.pipeline_split import check_pipeline_engine
+
+        check_pipeline_engine(p.pp, "deepspeed")
     if cfg.train.zero_stage == 3 and cfg.model.routing == "triton":
         # The grouped GEMM reads both weight sets directly; ZeRO-3 gathers a weight only when its module is called.
         raise ValueError("model.routing: 'triton' does not work with train.zero_stage=3; use routing 'index' or 'auto'")
@@ -147,12 +149,16 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
     scheduler = build_lr_scheduler(optimizer, cfg.optim)
     if cfg.train.activation_checkpointing:
         apply_layer_checkpointing(model)
-    objective = TransfusionObjective(DDPMSchedule(cfg.diffusion), cfg.diffusion.loss_weight)
+    objective = build_objective(cfg)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=LossModule(model, objective), optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg.train, precision.precision),
     )
     install_safe_loading(engine)  # DeepSpeed's own loader would unpickle arbitrary objects
+    if world == 1 and engine.zero_optimization_stage() == 0:
+        # An all-reduce over one rank is the identity, but DeepSpeed still flattens and copies back every
+        # gradient for it: measured 3.6% of a demo step (1.5 s of 42 s, AMD EPYC, 1 thread).
+        engine.enable_backward_allreduce = False
     if engine.zero_optimization_stage() == 3:
         register_zero3_external_parameters(model)
     return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer,
@@ -195,4 +201,37 @@ def build_train_loader(run: TrainingSetup) -> Any:
     cfg, model = run.cfg, run.model
     stream = LatentSequenceStream(run.ctx.shards, run.ctx.tokenizer, cfg.image.tokens_per_image, model.boi_id,
                                   model.eoi_id, cfg.data, rank=run.rank, world_size=run.world)
-    return build_loader(stream, cfg.train.micro_batch_size)
+    return build_loader(stream, cfg.train.micro_batch_size, allow_data_change=cfg.train.allow_data_change)
+
+
+def check_resume_world(engine: Any, step_dir: Path, world: int) -> None:
+    """Before DeepSpeed loads a checkpoint written with another world size: only ZeRO 0 state reshards (DeepSpeed
+    refuses partitioned optimizer state with a traceback), so anything else stops here in one line."""
+    saved = len(list(step_dir.glob("rank*.pt")))
+    stage = engine.zero_optimization_stage()
+    if saved and saved != world and stage != 0:
+        raise ValueError(f"{step_dir}: written with {saved} ranks, resuming with {world}: DeepSpeed cannot reshard "
+                         f"ZeRO stage {stage} optimizer state; resume with {saved} ranks, or train with "
+                         "train.zero_stage=0 or train.engine=torch (resharding checkpoints) from the run's start")
+
+
+def restore_loader(loader: Any, directory: Path, rank: int, saved_world: int) -> dict[str, Any] | None:
+    """Restores a DeepSpeed run's loader from checkpoint `directory` (rank<r>.pt per rank); returns this rank's
+    saved file (None if the checkpoint had no such rank). On the world size it was written with, each rank takes
+    its own loader state (exact); on another, the layout-free union of every rank's (data_pipeline/loader.py)."""
+    from megafusion.data_pipeline.loader import merge_loader_states
+
+    def rank_file(r: int) -> dict[str, Any]:
+        return torch.load(directory / f"rank{r}.pt", weights_only=True)
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    own = rank_file(rank) if rank < saved_world else None
+    if saved_world == world:
+        loader.load_state_dict(own["loader"])
+        return own
+    loader.load_state_dict(merge_loader_states([rank_file(r)["loader"] for r in range(saved_world)]))
+    if rank == 0:
+        log.warning("%s: written with %d ranks, resuming with %d: the data continues from the merged record of "
+                    "every rank (each sample of the epoch still once); ranks it did not have start fresh noise "
+                    "generators", directory, saved_world, world)
+    return own

@@ -24,7 +24,7 @@ from megafusion.training.metrics import MetricsLogger
 from megafusion.training.preemption import PreemptionGuard
 from megafusion.training.profiling import StepProfiler
 from megafusion.training.run_checkpoints import CheckpointManager, hash_weights
-from megafusion.training.run_setup import build_train_loader, setup_training
+from megafusion.training.run_setup import build_train_loader, check_resume_world, setup_training
 from megafusion.training.step import global_normalizer
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
         checkpoints = CheckpointManager(ctx.output_dir / "checkpoints", t.keep_last, base_ref, run.rank, run.world)
     micro_batches = run.micro_batches_per_step or t.grad_accum_steps
     step = 0
-    if t.resume and (tag := checkpoints.latest_tag()) is not None:
+    if t.resume and (tag := checkpoints.resume_tag()) is not None:  # the newest intact one
+        if run.checkpoints is None:  # DeepSpeed: refuse a world size change it cannot reshard, in one line
+            check_resume_world(run.engine, checkpoints.dir / tag, run.world)
         step = checkpoints.load(run.engine, loader, generator, tag)
         if run.rank == 0:
             log.warning("resumed from %s at step %d", checkpoints.dir / tag, step)
