@@ -49,9 +49,10 @@ def dcp_trainable_state(path: Path, model: LlamaFusion) -> dict[str, torch.Tenso
 
 
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    """run_dir: a `train.output_dir` (holding checkpoints/). Verifies the base weights by hash."""
+    """run_dir: a `train.output_dir` (holding checkpoints/). Exports the newest checkpoint whose files match its
+    manifest (damaged ones are named and skipped); verifies the base weights by hash."""
     checkpoint_dir = Path(run_dir) / "checkpoints"
-    tag = tag or CheckpointManager(checkpoint_dir, 1, {}, 0, 1).latest_tag()
+    tag = tag or CheckpointManager(checkpoint_dir, 1, {}, 0, 1).resume_tag()  # the newest intact one
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint to export")
     torch_engine = is_dcp_checkpoint(checkpoint_dir / tag)
