@@ -85,6 +85,7 @@ def stacked(m: int, vocab: int, seq: int, max_images: int) -> dict[str, torch.Te
     shape = (m * max_images, IMAGE.latent_channels, IMAGE.latent_size, IMAGE.latent_size)
     out["noise"], out["noisy"] = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     out["timesteps"] = torch.randint(0, 1000, (m * max_images,), generator=g)
+    out["image_weights"] = torch.ones(m * max_images)
     return out
 
 

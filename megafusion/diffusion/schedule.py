@@ -30,6 +30,7 @@ def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float =
 
 
 BETA_FUNCTIONS = {"squaredcos_cap_v2": cosine_betas, "linear": linear_betas}
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 class DDPMSchedule:
@@ -46,6 +47,24 @@ class DDPMSchedule:
         self.image_first_max_timestep = image_first_max_timestep
         self.betas = BETA_FUNCTIONS[self.beta_schedule](self.num_timesteps)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        # Training-only settings of the run config's DiffusionConfig; a saved model's DiffusionArgs has none.
+        self.loss_weighting = getattr(config, "loss_weighting", "uniform")
+        self.min_snr_gamma = getattr(config, "min_snr_gamma", 5.0)
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting: must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) of each timestep, in float64."""
+        abar = self.alphas_cumprod.double().to(timesteps.device)[timesteps.long()]
+        return abar / (1.0 - abar)
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-image weight of the squared noise error (None = uniform: every image weighs 1). min_snr:
+        min(SNR, gamma) / SNR, the epsilon-prediction form of Min-SNR-gamma."""
+        if self.loss_weighting == "uniform":
+            return None
+        snr = self.snr(timesteps)
+        return (snr.clamp(max=self.min_snr_gamma) / snr).float()
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 2), one timestep per image."""

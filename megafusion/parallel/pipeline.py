@@ -171,7 +171,7 @@ def _plain(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- schedule
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 # Tensors of the whole step that every stage receives, split along dim 0 into the micro-batches.
-STAGE_KWARGS = ("modality", "doc_ids", "timesteps", "targets", "noise")
+STAGE_KWARGS = ("modality", "doc_ids", "timesteps", "image_weights", "targets", "noise")
 
 
 class PipelineRunner:

@@ -71,11 +71,12 @@ class FusionStage(nn.Module):
         return torch.cat((logits, F.linear(hidden, self.special_head)), dim=-1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, modality: torch.Tensor, doc_ids: torch.Tensor,
-                timesteps: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor
+                timesteps: torch.Tensor, image_weights: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """First stage: x = input_ids (B, S), y = noisy latents (max_images, C, H, W). Later stages: x = h,
         y = skip. Keyword tensors are this micro-batch's: modality / doc_ids / targets (B, S), timesteps
-        (max_images,), noise (max_images, C, H, W). Returns (h, skip), or on the last stage a (1, 2) tensor of
+        (max_images,), image_weights (max_images,) (DDPMSchedule.loss_weights; ones when uniform), noise
+        (max_images, C, H, W). Returns (h, skip), or on the last stage a (1, 2) tensor of
         [CE sum over the text targets, squared-error sum over the real images' latent elements]."""
         layout = TokenLayout.build(modality, modality, None, doc_ids, None, self.image_config.tokens_per_image)
         router = ModalityRouter(layout.modality, self.routing_backend)
@@ -96,7 +97,7 @@ class FusionStage(nn.Module):
             # The skip is a new tensor (not the received one) so the stage's backward sends its gradient on.
             skip = skip.clone() if not self.first else skip
             return _requiring_grad(h), _requiring_grad(skip)
-        sums = self._loss_sums(h, skip, router, timesteps, targets, noise, num_images)
+        sums = self._loss_sums(h, skip, router, timesteps, image_weights, targets, noise, num_images)
         # Every received activation gets a gradient (zeros where unused: the skip rows of padding, a micro-batch
         # without images), so each micro-batch sends the same tensors back as the inferred metadata says.
         if not self.first:
@@ -115,7 +116,8 @@ class FusionStage(nn.Module):
         return h, skip
 
     def _loss_sums(self, h: torch.Tensor, skip: torch.Tensor, router: ModalityRouter, timesteps: torch.Tensor,
-                   targets: torch.Tensor, noise: torch.Tensor, num_images: int) -> torch.Tensor:
+                   image_weights: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor, num_images: int
+                   ) -> torch.Tensor:
         text_h, image_h = router.split(h)
         text_h = self.norm(text_h)
         text_index = router.text_index
@@ -131,7 +133,9 @@ class FusionStage(nn.Module):
         if num_images:
             pred = self.unet_up(image_h.reshape(num_images, -1, h.shape[-1]), timesteps[:num_images],
                                 skip[:num_images])
-            diffusion_sum = F.mse_loss(pred.float(), noise[:num_images].float(), reduction="sum")
+            # The objective's weighted_squared_error (training/objective.py), which this layer may not import.
+            per_image = F.mse_loss(pred.float(), noise[:num_images].float(), reduction="none").flatten(1).sum(1)
+            diffusion_sum = (per_image * image_weights[:num_images].float()).sum()
         else:
             diffusion_sum = lm_sum.new_zeros(())
         return torch.stack((lm_sum, diffusion_sum)).reshape(1, 2)

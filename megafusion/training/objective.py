@@ -131,6 +131,12 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item() == 1.0)
 
 
+def weighted_squared_error(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * sum over image i's latent elements of (pred - target)^2 (DDPMSchedule.loss_weights' w)."""
+    per_image = F.mse_loss(pred, target, reduction="none").flatten(1).sum(dim=1)
+    return (per_image * weights.to(per_image.dtype)).sum()
+
+
 def frozen_rows_cross_entropy(reduced: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Per-row cross-entropy over [base vocabulary + BOI/EOI] from FusionOutput.frozen_lm_logits' (N, 4) columns
     [lse of the base logits, base logit of the target, BOI logit, EOI logit]; exact in value and gradient."""
@@ -210,10 +216,15 @@ class TransfusionObjective:
         if num_images:
             pred, target = at_least_fp32(out.noise_pred), at_least_fp32(noise)
             num_elements = target.numel()
-            diffusion_sum = F.mse_loss(pred, target, reduction="sum")
-            # torch's own mean reduction for the term that is backpropagated: its backward rounds differently from
-            # sum / count, and the per-micro-batch loss must stay bitwise what it was.
-            diffusion_loss = F.mse_loss(pred, target)
+            weights = self.schedule.loss_weights(timesteps)
+            if weights is None:
+                diffusion_sum = F.mse_loss(pred, target, reduction="sum")
+                # torch's own mean reduction for the term that is backpropagated: its backward rounds differently
+                # from sum / count, and the per-micro-batch loss must stay bitwise what it was.
+                diffusion_loss = F.mse_loss(pred, target)
+            else:
+                diffusion_sum = weighted_squared_error(pred, target, weights)
+                diffusion_loss = diffusion_sum / num_elements
         else:
             diffusion_sum = diffusion_loss = lm_loss.new_zeros(())
         if normalizer is None:

@@ -49,9 +49,14 @@ def prepare_micro_batch(batch: dict[str, Any], generator: torch.Generator, objec
         timesteps = objective.schedule.sample_timesteps(image_first, generator)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noisy = objective.schedule.add_noise(latents, noise, timesteps)
+        weights = objective.schedule.loss_weights(timesteps)
+        weights = torch.ones(n) if weights is None else weights
     else:
         timesteps = torch.zeros(0, dtype=torch.long)
+        weights = torch.zeros(0)
         noise = noisy = None
+    # Padding images weigh 0 (they carry no loss either way: the last stage reads only the real ones).
+    out["image_weights"] = _pad(weights.float(), max_images)
     out["timesteps"] = _pad(timesteps.long(), max_images)
     out["noise"] = _pad(noise, max_images)
     out["noisy"] = _pad(noisy, max_images)
@@ -69,7 +74,7 @@ def stack_micro_batches(prepared: list[dict[str, torch.Tensor | None]], image_sh
     """One tensor per key, micro-batches along dim 0 (the schedule splits them back); a micro-batch without
     images contributes zero padding."""
     out = {}
-    for key in ("input_ids", "modality", "doc_ids", "targets", "timesteps", "noise", "noisy"):
+    for key in ("input_ids", "modality", "doc_ids", "targets", "timesteps", "image_weights", "noise", "noisy"):
         parts = [p[key] if p[key] is not None else torch.zeros(max_images, *image_shape) for p in prepared]
         out[key] = torch.cat(parts)
     return out

@@ -50,3 +50,18 @@ def test_each_beta_schedule_matches_diffusers(schedule, steps):
 def test_run_config_beta_schedule_is_used():
     ours = DDPMSchedule(DiffusionConfig(beta_schedule="linear"))
     torch.testing.assert_close(ours.betas.float(), DDPMScheduler(beta_schedule="linear").betas, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights_match_diffusers_compute_snr(gamma):
+    """Min-SNR-gamma (epsilon prediction) as diffusers' training examples compute it: min(SNR, gamma) / SNR."""
+    from diffusers.training_utils import compute_snr
+
+    t = torch.tensor([0, 1, 10, 100, 400, 700, 999])
+    ours = DDPMSchedule(DiffusionConfig(loss_weighting="min_snr", min_snr_gamma=gamma)).loss_weights(t)
+    snr = compute_snr(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), t)
+    want = torch.stack([snr, gamma * torch.ones_like(snr)]).min(dim=0)[0] / snr
+    # diffusers computes SNR in float32 (5e-4 off where SNR ~ 1e5); ours in float64.
+    torch.testing.assert_close(ours, want.float(), rtol=1e-3, atol=1e-7)
+    assert ours[0] < 0.01 and ours[-1] == 1.0, "low-noise steps are down-weighted, high-noise ones keep weight 1"
+    assert DDPMSchedule(DiffusionConfig()).loss_weights(t) is None, "uniform: the paper's plain MSE"

@@ -56,6 +56,8 @@ def stacked(batches: list[dict[str, torch.Tensor]], max_images: int) -> dict[str
     out["doc_ids"] = torch.zeros_like(out["modality"])
     for key in ("noisy", "noise", "timesteps"):
         out[key] = torch.cat([pad_rows(b[key], max_images) for b in batches])
+    # Uniform weighting (the reference's plain MSE): real images weigh 1, padding 0.
+    out["image_weights"] = torch.cat([pad_rows(torch.ones(b["noise"].shape[0]), max_images) for b in batches])
     return out
 
 

@@ -53,3 +53,34 @@ def test_loss_is_lm_plus_weighted_diffusion(tmp_path):
     torch.testing.assert_close(a.diffusion_loss, mse)
     torch.testing.assert_close(a.loss, a.lm_loss + 5.0 * mse)
     assert a.num_images == 2
+
+
+def test_min_snr_weighting_scales_each_images_error(tmp_path):
+    """loss_weighting=min_snr: the diffusion sum is sum_i w(t_i) * ||eps_pred_i - eps_i||^2, recomputed here with
+    diffusers' SNR and the same draws; the LM term is untouched."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from megafusion.config.schema import DiffusionConfig
+
+    save_tiny_llama(tmp_path, "gqa-untied")
+    model = LlamaFusion.from_llama(tmp_path, image=TINY_IMAGE, unet=TINY_UNET)
+    batch = mixed_batch(97, TINY_IMAGE)
+    # gamma 0.1: below SNR for t < ~800, so almost any draw is down-weighted.
+    weighted = DDPMSchedule(DiffusionConfig(loss_weighting="min_snr", min_snr_gamma=0.1))
+    with torch.no_grad():
+        a = TransfusionObjective(weighted, 5.0)(model, batch["input_ids"], batch["modality"],
+                                                latents=batch["images"], generator=torch.Generator())
+        plain = TransfusionObjective(DDPMSchedule(), 5.0)(model, batch["input_ids"], batch["modality"],
+                                                           latents=batch["images"], generator=torch.Generator())
+        g = torch.Generator()
+        t = DDPMSchedule().sample_timesteps(torch.zeros(2, dtype=torch.bool), g)
+        noise = torch.randn(batch["images"].shape, generator=g)
+        out = model(batch["input_ids"], batch["modality"], images=DDPMSchedule().add_noise(batch["images"], noise, t),
+                    timesteps=t)
+    snr = compute_snr(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), t)
+    w = snr.clamp(max=0.1) / snr
+    want = (w * ((out.noise_pred - noise) ** 2).flatten(1).sum(1)).sum()
+    torch.testing.assert_close(a.diffusion_loss_sum, want.float(), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(a.diffusion_loss_sum, plain.diffusion_loss_sum), "the weights must matter here"
+    torch.testing.assert_close(a.lm_loss_sum, plain.lm_loss_sum)
