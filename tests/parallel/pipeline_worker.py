@@ -6,9 +6,6 @@ weights bitwise. Micro-batches differ in image count (0-4) and text-token count.
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import json
 import time
 
 import torch
@@ -27,6 +24,7 @@ from megafusion.parallel.pipeline import (
 )
 from megafusion.parallel.pipeline_split import max_images_per_row, plan_pipeline
 from megafusion.training.objective import LossNormalizer
+from tests.distributed import serve_worker_cases
 from tests.helpers import TINY_IMAGE, TINY_UNET
 from tests.parallel.train_worker import (
     LOSS_WEIGHT,
@@ -153,21 +151,5 @@ def run_case(spec: str) -> dict:
             "setup_seconds": setup_seconds, "seconds": time.perf_counter() - start}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("cases", nargs="+")
-    p.add_argument("--hang-timeout", type=float, default=240)
-    args = p.parse_args()
-    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    results = [run_case(spec) for spec in args.cases]
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    serve_worker_cases(run_case)

@@ -7,12 +7,11 @@ no image at all), against a single-process reference on the concatenation of tho
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import run_distributed
+from tests.distributed import run_worker_launch
 from tests.helpers import save_tiny_llama
 
 # name -> (processes, cases "replicate,shard,tp:separation:base[:flags]"); {gqa}: 4 heads / 2 kv heads, untied
@@ -44,13 +43,8 @@ def bases(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_parallel_training_equals_one_process(launch: str, bases: dict[str, str], tmp_path: Path) -> None:
     processes, cases = LAUNCHES[launch]
-    out = tmp_path / "results.json"
-    start = time.perf_counter()
-    run_distributed(["tests/parallel/train_worker.py", f"--out={out}", *(c.format(**bases) for c in cases)],
-                    world_size=processes, timeout=300, MEGAFUSION_FLEX_COMPILE="0")
-    results = json.loads(out.read_text())
-    print(f"{launch}: {time.perf_counter() - start:.1f} s wall for {len(results)} cases")
-    assert len(results) == len(cases)
+    results = run_worker_launch("tests/parallel/train_worker.py", processes, [c.format(**bases) for c in cases],
+                                tmp_path / "results.json", MEGAFUSION_FLEX_COMPILE="0")
     for r in results:
         summary = json.dumps(r, indent=1)
         print(f"  {r['case']}: loss {r['rel_loss']:.1e}, grad {r['grad_rel']['rel']:.1e}, weights "

@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from megafusion.parallel.pipeline_split import even_split, plan_pipeline
-from tests.distributed import REPO, cpu_env, megafusion_command, run_distributed
+from tests.distributed import REPO, cpu_env, megafusion_command, run_distributed, run_worker_launch
 from tests.helpers import save_tiny_llama
 
 RTOL = 1e-5
@@ -43,13 +43,8 @@ def bases(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_pipeline_training_equals_one_process(launch: str, bases: dict[str, str], tmp_path: Path) -> None:
     processes, cases = LAUNCHES[launch]
-    out = tmp_path / "results.json"
-    start = time.perf_counter()
-    run_distributed(["tests/parallel/pipeline_worker.py", f"--out={out}", *(c.format(**bases) for c in cases)],
-                    world_size=processes, timeout=300)
-    results = json.loads(out.read_text())
-    print(f"{launch}: {time.perf_counter() - start:.1f} s wall")
-    assert len(results) == len(cases)
+    results = run_worker_launch("tests/parallel/pipeline_worker.py", processes, [c.format(**bases) for c in cases],
+                                tmp_path / "results.json")
     for r in results:
         summary = json.dumps(r, indent=1)
         print(f"  {r['case']}: loss {r['rel_loss']:.1e}, grad norm {r['rel_grad_norm']:.1e}, weights "

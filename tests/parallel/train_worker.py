@@ -6,9 +6,6 @@ single-process reference runs their concatenation. Rank 0 writes the measured di
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import json
 import time
 from dataclasses import dataclass
 
@@ -28,6 +25,7 @@ from megafusion.parallel import (
     materialize,
     parallelize_fusion,
 )
+from tests.distributed import serve_worker_cases
 from tests.helpers import TINY_IMAGE, TINY_UNET
 
 STEPS = 2
@@ -227,23 +225,5 @@ def run_case(case: Case, rank: int) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("cases", nargs="+")
-    p.add_argument("--hang-timeout", type=float, default=240)
-    args = p.parse_args()
-    # A collective mismatch hangs every rank silently: dump the stacks and exit instead.
-    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    rank = dist.get_rank()
-    results = [run_case(Case.parse(spec), rank) for spec in args.cases]
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    serve_worker_cases(lambda spec: run_case(Case.parse(spec), dist.get_rank()))
