@@ -8,8 +8,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from PIL import Image
+
+
+def _save(plt: ModuleType, fig: Any, path: Path) -> Path:
+    """Lays out, writes (creating the folder) and closes a figure; every figure here is saved the same way."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pyplot() -> ModuleType:
@@ -58,11 +68,7 @@ def generation_overview(rows: Sequence[tuple[str, Sequence[Image.Image], Sequenc
         axes[r][0].set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=7, wrap=True)
     fig.suptitle("generated images (frame: green = every judge confidently sees the asked class, orange = some, "
                  "red = none)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def caption_sheet(items: Sequence[tuple[Image.Image, str, bool]], path: Path, cols: int = 6) -> Path:
@@ -79,11 +85,7 @@ def caption_sheet(items: Sequence[tuple[Image.Image, str, bool]], path: Path, co
         ax.set_title(caption if len(caption) <= 60 else caption[:57] + "...", fontsize=7, wrap=True,
                      color="tab:green" if ok else "tab:red")
     fig.suptitle("held-out images with generated captions", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def confusion_grid(panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[int]]]]], rows: Sequence[str],
@@ -116,8 +118,4 @@ def confusion_grid(panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[in
             if c == 0:
                 ax.set_ylabel("asked", fontsize=7)
     fig.suptitle("generated images: asked class x class the judge confidently sees", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
