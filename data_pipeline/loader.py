@@ -56,6 +56,10 @@ class LoaderSettings:
 
     max_len: int = 4096  # tokens per packed sequence
     caption_first_prob: float = 0.8  # share of documents with the caption before the image
+    # Share of caption-first documents whose caption is dropped ("BOI image EOI EOS", every timestep): the
+    # unconditional prediction classifier-free guidance needs (Ho & Salimans 2022). 0 leaves image-first
+    # documents as the only caption-less images, and those only see t <= image_first_max_timestep.
+    caption_dropout_prob: float = 0.0
     shuffle_buffer: int = 1000  # the window of the epoch's order that is permuted (epoch_order.py)
     seed: int = 0
     num_workers: int = 2  # DataLoader worker processes per rank
@@ -68,6 +72,8 @@ class LoaderSettings:
             (self.max_len > 1, f"max_len: must be > 1, got {self.max_len}"),
             (0.0 <= self.caption_first_prob <= 1.0,
              f"caption_first_prob: must be in [0, 1], got {self.caption_first_prob}"),
+            (0.0 <= self.caption_dropout_prob < 1.0,
+             f"caption_dropout_prob: must be in [0, 1), got {self.caption_dropout_prob}"),
             (self.shuffle_buffer >= 1, f"shuffle_buffer: must be >= 1, got {self.shuffle_buffer}"),
             (self.num_workers >= 0, f"num_workers: must be >= 0, got {self.num_workers}"),
         ):
@@ -234,8 +240,13 @@ class _WorkerStream:
             if record is None:
                 continue
             delivered += 1
-            image_first = draw >= self.ds.cfg.caption_first_prob
-            doc = self.packer.document(record.key, self.tokenizer.encode(record.caption), record.latent, image_first)
+            cfg = self.ds.cfg
+            image_first = draw >= cfg.caption_first_prob
+            # The same draw decides the dropout (its lowest share), so a document's layout stays a function of
+            # its position alone and resumes stay exact.
+            dropped = draw < cfg.caption_first_prob * cfg.caption_dropout_prob
+            caption = [] if dropped else self.tokenizer.encode(record.caption)
+            doc = self.packer.document(record.key, caption, record.latent, image_first)
             done = self.packer.add(doc)
             if done is not None:
                 # Everything read before this document is in `done` or was skipped; this one stays pending.

@@ -3,13 +3,16 @@ eta_text/eta_img in {0, 0.1, 1}, each arm trained from the same base, VAE and sh
 
 Text score: perplexity change on the held-out paragraphs vs the base LM (0 when the text path is untouched) and
 whether greedy outputs still equal the base's. Image scores: generation accuracy, in-domain FID, caption
-accuracy. Each arm trains in its own process (a fresh process group and memory per run)."""
+accuracy. Each arm trains in its own process (a fresh process group and memory per run), once per seed (the
+training seed and the data order's seed; evaluation prompts and sampling seeds stay the same), and the table
+gives each arm's mean and spread over its seeds."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +33,8 @@ class AblationSettings:
     steps: int = 80
     separations: list[str] = field(default_factory=lambda: ["none", "ffn", "deep"])
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
+    # Each arm is trained once per seed (train.seed and data.seed).
+    seeds: list[int] = field(default_factory=lambda: [0])
     quick: bool = False
     overrides: list[str] = field(default_factory=list)
 
@@ -43,8 +48,8 @@ def _eval_kwargs(settings: AblationSettings) -> dict:
     return dict(QUICK_EVAL) if settings.quick else dict(ABLATION_EVAL)
 
 
-def _arm_name(separation: str, ratio: float) -> str:
-    return f"{separation}-ratio{ratio:g}"
+def _arm_name(separation: str, ratio: float, seed: int) -> str:
+    return f"{separation}-ratio{ratio:g}-seed{seed}"
 
 
 def _prepare_data(settings: AblationSettings) -> tuple[Path, Path, list[str]]:
@@ -85,10 +90,11 @@ def run_ablation(settings: AblationSettings) -> dict:
     lr_image = load_config(config_path, base_overrides).optim.lr_image
     warmup = max(1, settings.steps // 10)
     eval_kwargs = _eval_kwargs(settings)
-    rows = []
-    arms = [(s, r) for s in settings.separations for r in settings.ratios]
-    for k, (separation, ratio) in enumerate(arms, start=1):
-        name = _arm_name(separation, ratio)
+    rows: list[dict] = []
+    result = {"settings": _settings_dict(settings), "rows": rows, "summary": []}
+    arms = [(s, r, seed) for s in settings.separations for r in settings.ratios for seed in settings.seeds]
+    for k, (separation, ratio, seed) in enumerate(arms, start=1):
+        name = _arm_name(separation, ratio, seed)
         arm = out / name
         arm.mkdir(parents=True, exist_ok=True)
         print(f"[ablate {k}/{len(arms)}] {name}: training {settings.steps} steps (log: {arm / 'train.log'})",
@@ -96,12 +102,12 @@ def run_ablation(settings: AblationSettings) -> dict:
         start = time.monotonic()
         overrides = [*base_overrides, f"--model.separation={separation}", f"--optim.lr_text={ratio * lr_image}",
                      f"--optim.total_steps={settings.steps}", f"--optim.warmup_steps={warmup}",
-                     f"--train.save_every={settings.steps}"]
+                     f"--train.save_every={settings.steps}", f"--train.seed={seed}", f"--data.seed={seed}"]
         _train_arm(config_path, overrides, arm / "run", arm / "model", arm / "train.log")
         result = evaluate(arm / "model", vae_dir, settings.dataset, arm / "eval", EvalSettings(**eval_kwargs))
         text = result["text"]
         rows.append({
-            "arm": name, "separation": separation, "lr_ratio": ratio,
+            "arm": name, "separation": separation, "lr_ratio": ratio, "seed": seed,
             "generation_accuracy": result["generation"]["accuracy"],
             "fid_in_domain": result["generation"]["fid_in_domain"],
             "caption_accuracy": result["captioning"]["accuracy"],
@@ -114,15 +120,56 @@ def run_ablation(settings: AblationSettings) -> dict:
             "text_identical": text["identical"],
             "seconds": round(time.monotonic() - start, 1),
         })
-        (out / "ablation.json").write_text(json.dumps({"settings": _settings_dict(settings), "rows": rows}, indent=2))
-    plot_ablation(rows, out / "ablation.png")
+        result = {"settings": _settings_dict(settings), "rows": rows, "summary": seed_summary(rows)}
+        (out / "ablation.json").write_text(json.dumps(result, indent=2))
+    plot_ablation(result["summary"], out / "ablation.png")
     (out / "ablation.md").write_text(ablation_markdown(rows, settings))
-    return {"settings": _settings_dict(settings), "rows": rows}
+    return result
 
 
 def _settings_dict(settings: AblationSettings) -> dict:
     return {"dataset": settings.dataset, "steps": settings.steps, "separations": settings.separations,
-            "ratios": settings.ratios, "quick": settings.quick, "overrides": settings.overrides}
+            "ratios": settings.ratios, "seeds": settings.seeds, "quick": settings.quick,
+            "overrides": settings.overrides}
+
+
+# Scores summarised over seeds, and which way is better (for the ordering check).
+SUMMARY_METRICS = {"generation_accuracy": "higher", "fid_in_domain": "lower", "caption_accuracy": "higher",
+                   "heldout_noise_mse": "lower", "caption_gain": "higher", "perplexity_change": "closer to 0"}
+PAPER_ORDER = ("deep", "ffn", "none")
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """One entry per (separation, lr ratio): each metric's mean and sample standard deviation over its seeds (0
+    for a single seed), the seeds, and the mean perplexity ratio (for the plot's x axis)."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["separation"], r["lr_ratio"]), []).append(r)
+    summary = []
+    for (separation, ratio), runs in groups.items():
+        entry: dict = {"separation": separation, "lr_ratio": ratio, "seeds": [r.get("seed", 0) for r in runs]}
+        for key in SUMMARY_METRICS:
+            values = [float(r[key]) for r in runs]
+            entry[key] = {"mean": statistics.fmean(values),
+                          "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        entry["log_perplexity_ratio"] = statistics.fmean(math.log(r["perplexity"] / r["perplexity_base"])
+                                                         for r in runs)
+        summary.append(entry)
+    return summary
+
+
+def paper_ordering(summary: list[dict], ratio: float = 0.0) -> dict[str, bool | None]:
+    """Per metric: whether the means at this lr ratio rank deep > ffn > none (better first), as the paper's
+    section 5 does; None when an arm is missing."""
+    means = {e["separation"]: e for e in summary if e["lr_ratio"] == ratio}
+    result: dict[str, bool | None] = {}
+    for key, better in SUMMARY_METRICS.items():
+        if key == "perplexity_change" or not all(s in means for s in PAPER_ORDER):
+            continue
+        values = [means[s][key]["mean"] for s in PAPER_ORDER]
+        ranked = values[0] > values[1] > values[2] if better == "higher" else values[0] < values[1] < values[2]
+        result[key] = ranked
+    return result
 
 
 def ablation_markdown(rows: list[dict], settings: AblationSettings) -> str:
@@ -134,12 +181,26 @@ def ablation_markdown(rows: list[dict], settings: AblationSettings) -> str:
         "(lower is better) and the caption gain (MSE with another class's caption minus with the image's own: how "
         "much the image path uses the text), both measured before samples become recognisable. Images are sampled "
         f"with CFG {ev['guidance_scale']:g} ({ev['images_per_prompt']} per prompt).", "",
-        "| separation | lr_text/lr_img | gen acc | FID (in-domain) | noise MSE | caption gain | caption acc | CIDEr "
-        "| perplexity change | greedy = base |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = seed_summary(rows)
+    lines += ["Mean ± standard deviation over seeds:", "",
+              "| separation | lr_text/lr_img | seeds | gen acc | FID (in-domain) | caption acc | noise MSE "
+              "| caption gain | perplexity change |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        cells = [f"{e[k]['mean']:.4g} ± {e[k]['std']:.2g}" for k in SUMMARY_METRICS]  # the header's order
+        lines.append(f"| {e['separation']} | {e['lr_ratio']:g} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
+    ordering = paper_ordering(summary)
+    if ordering:
+        lines += ["", "The paper's ordering deep > ffn > none at lr ratio 0 (means): "
+                  + ", ".join(f"{k}: {'holds' if ok else 'does not hold'}" for k, ok in ordering.items()) + "."]
+    lines += [
+        "", "Every run:", "",
+        "| separation | lr_text/lr_img | seed | gen acc | FID (in-domain) | noise MSE | caption gain | caption acc "
+        "| CIDEr | perplexity change | greedy = base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['separation']} | {r['lr_ratio']:g} | {r['generation_accuracy']:.3f} | "
+        lines.append(f"| {r['separation']} | {r['lr_ratio']:g} | {r.get('seed', 0)} | {r['generation_accuracy']:.3f} | "
                      f"{r['fid_in_domain']:.2f} | {r['heldout_noise_mse']:.4f} | {r['caption_gain']:+.4f} | "
                      f"{r['caption_accuracy']:.3f} | {r['cider']:.3f} | "
                      f"{r['perplexity_change']:+.4f} | {'yes' if r['greedy_identical'] else 'no'} |")
@@ -147,7 +208,8 @@ def ablation_markdown(rows: list[dict], settings: AblationSettings) -> str:
     return "\n".join(lines)
 
 
-def plot_ablation(rows: list[dict], path: Path) -> Path:
+def plot_ablation(summary: list[dict], path: Path) -> Path:
+    """Each arm's mean over seeds with its standard deviation as error bars, against the text loss change."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,14 +220,15 @@ def plot_ablation(rows: list[dict], path: Path) -> Path:
               "generation_accuracy": "generation accuracy", "caption_accuracy": "caption accuracy"}
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for ax, (key, label) in zip(axes, panels.items(), strict=True):
-        for r in rows:
-            marker, colour = styles.get(r["separation"], ("x", "black"))
+        for e in summary:
+            marker, colour = styles.get(e["separation"], ("x", "black"))
             # Log of the perplexity ratio (= held-out loss change): a damaged text path is 1e5x worse, not 20%.
-            x = math.log(r["perplexity"] / r["perplexity_base"])
-            ax.scatter(x, r[key], marker=marker, color=colour, s=60, label=r["separation"])
-            ax.annotate(f"{r['lr_ratio']:g}", (x, r[key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            x, y = e["log_perplexity_ratio"], e[key]["mean"]
+            ax.errorbar(x, y, yerr=e[key]["std"], fmt=marker, color=colour, markersize=7, capsize=4,
+                        label=e["separation"])
+            ax.annotate(f"{e['lr_ratio']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xlabel("held-out text loss change vs base, nats/token (0 = preserved)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(f"{label}\n(mean ± std over seeds)")
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))

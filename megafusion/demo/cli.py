@@ -37,6 +37,7 @@ def add_ablate_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=80, help="training steps per arm")
     p.add_argument("--separations", default="none,ffn,deep")
     p.add_argument("--ratios", default="0,0.1,1", help="lr_text / lr_image")
+    p.add_argument("--seeds", default="0", help="training seeds per arm, e.g. 0,1,2 (the table gives mean and spread)")
     p.add_argument("--quick", action="store_true", help="tiny budget (random tiny Llama) to check the grid runs")
 
 
@@ -69,6 +70,7 @@ def run_ablate_command(args: argparse.Namespace, overrides: list[str]) -> int:
         demo_out=Path(args.demo_out or default_demo_out(args.dataset)),
         separations=[s.strip() for s in args.separations.split(",") if s.strip()],
         ratios=[float(r) for r in args.ratios.split(",") if r.strip()], quick=args.quick, overrides=overrides,
+        seeds=[int(x) for x in args.seeds.split(",") if x.strip()],
     )
     result = run_ablation(settings)
     print(f"\ntable: {Path(args.out) / 'ablation.md'}")

@@ -69,6 +69,35 @@ def test_caption_first_ratio_is_honoured(tmp_path):
     assert abs(flags.float().mean().item() - 0.2) < 0.05
 
 
+def _doc_layouts(batch):
+    """(BOI right after the tokenizer's BOS, image first) per document, in the order images are numbered in."""
+    layouts = []
+    for ids, docs in zip(batch["input_ids"], batch["doc_ids"], strict=True):
+        for d in docs.unique().tolist():
+            tokens = ids[docs == d]
+            if (tokens == BOI).any():
+                layouts.append(int(tokens[1]) == BOI)
+    return [(starts, bool(f)) for starts, f in zip(layouts, batch["image_first"].tolist(), strict=True)]
+
+
+def test_caption_dropout_leaves_caption_first_images_without_a_caption(tmp_path):
+    """caption_dropout_prob=0.5 of caption_first_prob=0.8: ~40% of documents are "BOI image EOI EOS" and are not
+    image-first (so they get the full timestep range); image-first documents stay ~20%."""
+    shards = make_latent_shards(tmp_path / "s", num_shards=2, per_shard=50)
+    stream = _stream(tmp_path, shards, num_workers=0, caption_dropout_prob=0.5)
+    layouts = [x for b in _take(build_loader(stream, batch_size=4), 60) for x in _doc_layouts(b)]
+    assert len(layouts) > 500
+    dropped = sum(starts and not first for starts, first in layouts) / len(layouts)
+    image_first = sum(first for _, first in layouts) / len(layouts)
+    assert abs(dropped - 0.4) < 0.06 and abs(image_first - 0.2) < 0.05
+    assert all(starts for starts, first in layouts if first), "an image-first document starts with BOI"
+    plain = _stream(tmp_path, shards, num_workers=0)
+    assert not any(starts and not first for b in _take(build_loader(plain, batch_size=4), 20)
+                   for starts, first in _doc_layouts(b)), "without dropout every caption-first doc has a caption"
+    with pytest.raises(ValueError, match="caption_dropout_prob"):
+        LoaderSettings(caption_dropout_prob=1.0)
+
+
 def test_too_few_shards_is_a_clear_error_or_resampled(tmp_path):
     shards = make_latent_shards(tmp_path / "s", num_shards=3, per_shard=4)
     with pytest.raises(ValueError, match="3 shards for 2 ranks x 2 workers"):

@@ -23,4 +23,4 @@ def test_quick_ablation_table_and_plot(tmp_path):
     assert set(rows) == {0.0, 1.0}
     assert rows[0.0]["perplexity_change"] == pytest.approx(0.0, abs=1e-6) and rows[0.0]["text_identical"]
     assert abs(rows[1.0]["perplexity_change"]) > 1e-4 and not rows[1.0]["text_identical"]
-    assert "| ffn | 1 |" in (out / "ablation.md").read_text()
+    assert "| ffn | 1 | 0 |" in (out / "ablation.md").read_text()
