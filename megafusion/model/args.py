@@ -59,6 +59,10 @@ class UNetConfig:
     num_blocks: int = 2
     norm_groups: int = 32
     time_embed_dim: int = 512
+    # Whether the U-Net up also gets the down's full-resolution features (the usual U-Net skip; Transfusion's
+    # default). Through the skip the U-Net can denoise around the transformer, which alone sees the text, so the
+    # condition is learned late; without it every image passes through its image tokens and the text they read.
+    skip: bool = True
 
     def __post_init__(self) -> None:
         _require(self.channels > 0, f"channels: must be positive, got {self.channels}")

@@ -64,16 +64,19 @@ class UNetUp(nn.Module):
         self.norm = RMSNorm(hidden_size, rms_norm_eps)
         self.time = _TimeConditioning(unet)
         self.from_tokens = nn.ConvTranspose2d(hidden_size, unet.channels, image.patch_size, stride=image.patch_size)
-        blocks = [_res_block(2 * unet.channels, unet.channels, unet)]
+        self.skip = unet.skip
+        blocks = [_res_block(2 * unet.channels if unet.skip else unet.channels, unet.channels, unet)]
         blocks += [_res_block(unet.channels, unet.channels, unet) for _ in range(unet.num_blocks - 1)]
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = nn.GroupNorm(unet.norm_groups, unet.channels)
         self.conv_out = nn.Conv2d(unet.channels, image.latent_channels, 3, padding=1)
 
-    def forward(self, tokens: torch.Tensor, timesteps: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, timesteps: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        """`skip` is unused (may be None) when the U-Net was built with skip: false."""
         n, grid = tokens.shape[0], self.image.grid_size
-        h = self.norm(tokens).transpose(1, 2).reshape(n, -1, grid, grid)
-        h = torch.cat((self.from_tokens(h), skip), dim=1)
+        h = self.from_tokens(self.norm(tokens).transpose(1, 2).reshape(n, -1, grid, grid))
+        if self.skip:
+            h = torch.cat((h, skip), dim=1)
         temb = self.time(timesteps, tokens.dtype)
         for block in self.blocks:
             h = block(h, temb)

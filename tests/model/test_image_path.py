@@ -103,3 +103,30 @@ def test_boi_eoi_are_new_rows_and_base_rows_stay(tmp_path):
     assert model.parameter_group("special_embed") == model.parameter_group("special_head") == "image"
     out = model(input_ids=ids)
     assert out.logits.shape[-1] == 97 and out.special_logits.shape[-1] == 2
+
+
+def test_without_the_unet_skip_every_image_passes_through_its_tokens(tmp_path):
+    """unet.skip: false: the U-Net up reads only the image tokens, so the noise prediction depends on the text
+    before the image (through attention) and not on the skip; the config round-trips through save/load."""
+    from dataclasses import replace
+
+    save_tiny_llama(tmp_path / "base", "gqa-untied")
+    model = LlamaFusion.from_llama(tmp_path / "base", separation="deep", image=TINY_IMAGE,
+                                   unet=replace(TINY_UNET, skip=False)).eval()
+    assert model.unet_up.blocks[0].conv1.in_channels == TINY_UNET.channels
+    tokens = torch.randn(2, TINY_IMAGE.tokens_per_image, model.arch.hidden_size)
+    t = torch.tensor([10, 500])
+    skip = torch.randn(2, TINY_UNET.channels, TINY_IMAGE.latent_size, TINY_IMAGE.latent_size)
+    torch.testing.assert_close(model.unet_up(tokens, t, skip), model.unet_up(tokens, t, None), rtol=0, atol=0)
+
+    n = TINY_IMAGE.tokens_per_image
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    preds = []
+    for caption in ([5, 6, 7], [9, 9, 2]):
+        ids = torch.tensor([caption + [model.boi_id] + [0] * n + [model.eoi_id]])
+        modality = torch.tensor([[0] * 4 + [1] * n + [0]])
+        with torch.no_grad():
+            preds.append(model(ids, modality, images=latents, timesteps=torch.tensor([500])).noise_pred)
+    assert not torch.allclose(preds[0], preds[1]), "the caption must reach the noise prediction"
+    model.save_pretrained(tmp_path / "saved")
+    assert LlamaFusion.from_pretrained(tmp_path / "saved").unet_config.skip is False

@@ -168,6 +168,7 @@ def test_run_config_refusals_before_any_work(tmp_path: Path) -> None:
     assert "model.routing" in refused(2, engine, "--parallel.pp=2", "--train.grad_accum_steps=2",
                                       "--model.routing=triton")
     assert "train.engine" in refused(2, "--parallel.pp=2", "--train.grad_accum_steps=2")
+    assert "unet.skip" in refused(2, engine, "--parallel.pp=2", "--train.grad_accum_steps=2", "--unet.skip=false")
     assert not (tmp_path / "never").exists()
 
 
