@@ -13,7 +13,7 @@ def default_demo_out(dataset: str) -> str:
 
 
 def add_demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on a built-in dataset (CPU, ~25 min): train, evaluate, "
+    p = sub.add_parser("demo", help="the whole pipeline on a built-in dataset (CPU, ~20 min): train, evaluate, "
                                     "report [--section.key=value overrides the run config]")
     p.add_argument("--dataset", default="digits", choices=("digits", "shapes"))
     p.add_argument("--out", default=None,

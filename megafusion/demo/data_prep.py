@@ -27,11 +27,12 @@ StepRunner = Callable[[str, bool, Callable[[], Any], str], Any]
 
 @dataclass
 class VaeSettings:
-    """The demo VAE (data_pipeline.vae.train_vae's defaults): 32 px -> 4x8x8 latents in about 80 s on 2 AVX2 cores."""
+X
 
-    # 600 steps took 162 s of the demo's 20-minute budget (AMD EPYC, 2 threads) while the training MSE had
-    # flattened by ~300 (2.8e-4 at 300, 1.7e-4 at 600; held-out PSNR 39.4 dB after 600).
-    steps: int = 300
+    # 600 steps took 162 s of the demo's 20-minute budget (AMD EPYC, 2 threads); the training MSE had flattened
+    # long before (5e-4 at 200, 2.8e-4 at 300, 1.7e-4 at 600). At 300 steps (held-out PSNR 35.5 dB) both judges
+    # scored VAE round-trips of real test digits as high as the originals (0.967 / 0.981).
+    steps: int = 200
     batch_size: int = 32
     lr: float = 2e-3
     block_out_channels: tuple[int, ...] = (16, 32, 32)

@@ -136,6 +136,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _probe_rows(probe: dict | None) -> list[str]:
+    """eval/conditioning.py's numbers: how much of the caption reaches the U-Net up (absent in old reports)."""
+    if not probe:
+        return []
+    share = next(v for k, v in probe.items() if k.endswith("_dims_energy_share"))
+    return [
+        f"| caption swap at t={probe['timestep']}: change of the image tokens' last hidden states / of the noise "
+        f"prediction | {probe['caption_swap_hidden_change']:.2%} / {probe['caption_swap_noise_change']:.2%} |",
+        f"| image tokens' last hidden states: RMS / energy share of their {len(probe['top_dims'])} largest "
+        f"dimensions | {probe['image_hidden_rms']:.1f} / {share:.0%} |",
+    ]
+
+
 def _markdown(report: dict) -> str:
     r, ctx, train = report["eval"], report["context"], report["training"]
     gen, cap, clf, text = r["generation"], r["captioning"], r["classifier"], r.get("text") or {}
@@ -176,6 +189,7 @@ def _markdown(report: dict) -> str:
         f"| held-out noise-prediction MSE: own caption / other class's caption / no caption | "
         f"{_fmt(den.get('loss_own_caption'), 4)} / {_fmt(den.get('loss_other_caption'), 4)} / "
         f"{_fmt(den.get('loss_no_caption'), 4)} |",
+        *_probe_rows(den.get("conditioning_probe")),
         f"| greedy text outputs identical to base | {_fmt(text.get('greedy_identical'))} |",
         f"| max abs log-prob difference vs base | {_fmt(text.get('max_abs_logprob_diff'), 8) if text else 'n/a'} |",
         f"| perplexity on held-out paragraphs (fused / base) | {_fmt(text.get('perplexity'))} / "

@@ -102,6 +102,7 @@ def summary(result: dict) -> dict:
         "cider": result["captioning"]["cider"],
         "heldout_noise_mse": result["denoising"]["loss_own_caption"],
         "caption_gain": result["denoising"]["caption_gain"],
+        "caption_swap_noise_change": result["denoising"]["conditioning_probe"]["caption_swap_noise_change"],
         "text_identical_to_base": text.get("identical"),
         "max_abs_logprob_diff": text.get("max_abs_logprob_diff"),
         "perplexity": text.get("perplexity"),

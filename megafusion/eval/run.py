@@ -259,14 +259,19 @@ def evaluate_denoising(model: LlamaFusion, tokenizer: TextTokenizer, vae: Autoen
                        held: list[DemoSample], settings: EvalSettings) -> dict:
     """Held-out DDPM loss and the caption's share of it (sensitive long before samples look right)."""
     from megafusion.diffusion.schedule import DDPMSchedule
+    from megafusion.eval.conditioning import conditioning_probe
     from megafusion.eval.datasets import balanced_subset
-    from megafusion.eval.denoising import heldout_denoising
+    from megafusion.eval.denoising import heldout_denoising, mismatched_captions
 
     held = balanced_subset(spec, held, settings.num_denoising_images)
     latents = _encode(vae, [s.image for s in held], model.image_config.latent_size)
     schedule = DDPMSchedule(model.diffusion_args)  # the noise process the model was trained with
-    return heldout_denoising(model, tokenizer, latents, [s.caption for s in held],
-                             [spec.class_label(s) for s in held], schedule, seed=settings.seed)
+    captions, labels = [s.caption for s in held], [spec.class_label(s) for s in held]
+    result = heldout_denoising(model, tokenizer, latents, captions, labels, schedule, seed=settings.seed)
+    result["conditioning_probe"] = conditioning_probe(model, tokenizer, latents, captions,
+                                                      mismatched_captions(captions, labels), schedule,
+                                                      seed=settings.seed)
+    return result
 
 
 def image_precision(model: LlamaFusion, image_dtype: str) -> dict[str, Any]:
@@ -304,8 +309,10 @@ def _image_evals(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderK
              settings.progress)
         den = _timed(timings, "denoising", lambda: evaluate_denoising(image_model, tokenizer, vae, spec, held,
                                                                       settings))
-        _say(f"held-out noise MSE {den['loss_own_caption']:.4f} (caption gain {den['caption_gain']:+.4f})",
-             settings.progress)
+        probe = den["conditioning_probe"]
+        _say(f"held-out noise MSE {den['loss_own_caption']:.4f} (caption gain {den['caption_gain']:+.4f}); a "
+             f"caption swap moves the image tokens' last hidden states by {probe['caption_swap_hidden_change']:.2%} "
+             f"and the noise prediction by {probe['caption_swap_noise_change']:.2%}", settings.progress)
     return gen, cap, den
 
 

@@ -33,6 +33,7 @@ def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
     assert 0.0 <= ev["generation"]["accuracy"] <= 1.0 and ev["generation"]["fid_in_domain"] >= 0
     assert 0.0 <= ev["captioning"]["accuracy"] <= 1.0 and ev["captioning"]["cider"] >= 0
     assert ev["denoising"]["num_images"] == 6 and ev["denoising"]["loss_own_caption"] > 0
+    assert ev["denoising"]["conditioning_probe"]["num_images"] == 6
     assert ev["classifier"]["test_accuracy"] > 0.9  # the in-domain judge itself is reliable on real digits
     assert ev["split"] == "test" and set(ev["judges"]) == {"mlp", "hog_svm"}
     assert all(j["test_confident_accuracy"] >= 0.95 for j in ev["judges"].values())
@@ -45,6 +46,7 @@ def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
     assert (out / "eval/confusion.png").is_file() and "eval/confusion.png" in (out / "report.md").read_text()
     assert report["training"]["steps"] == 3
     md = (out / "report.md").read_text()
+    assert "| caption swap at t=500:" in md
     assert "![loss curves](loss_curves.png)" in md and "eval/generated.png" in md and "eval/captions.png" in md
     sweep = {p["guidance_scale"]: p for p in ev["generation"]["guidance_sweep"]}
     assert set(sweep) == {1.0, 2.0} and "| CFG scale |" in md and "comes from the **test** split" in md
