@@ -4,20 +4,10 @@ prediction, against hand-built single documents, and the hidden states' energy s
 import pytest
 import torch
 
-from megafusion.checkpoint.builtin_bases import resolve_base
-from megafusion.data_pipeline.tokenizer import load_tokenizer
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.eval.conditioning import TOP_DIMS, conditioning_probe
-from megafusion.model import IMAGE, TEXT, LlamaFusion
-from tests.helpers import TINY_IMAGE, TINY_UNET
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    base = resolve_base("builtin:tiny-llama")
-    torch.manual_seed(0)
-    model = LlamaFusion.from_llama(base, image=TINY_IMAGE, unet=TINY_UNET).eval()
-    return model, load_tokenizer(base)
+from megafusion.model import IMAGE, TEXT
+from tests.helpers import TINY_IMAGE
 
 
 def _document(model, tok, caption, noisy, t):

@@ -3,21 +3,11 @@
 import pytest
 import torch
 
-from megafusion.checkpoint.builtin_bases import resolve_base
-from megafusion.data_pipeline.tokenizer import load_tokenizer
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.eval.denoising import default_timesteps, heldout_denoising, mismatched_captions
-from megafusion.model import IMAGE, TEXT, LlamaFusion
+from megafusion.model import IMAGE, TEXT
 from megafusion.model.args import DiffusionArgs
-from tests.helpers import TINY_IMAGE, TINY_UNET
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    base = resolve_base("builtin:tiny-llama")
-    torch.manual_seed(0)
-    model = LlamaFusion.from_llama(base, image=TINY_IMAGE, unet=TINY_UNET).eval()
-    return model, load_tokenizer(base)
+from tests.helpers import TINY_IMAGE
 
 
 def test_mismatched_captions_take_another_label():
