@@ -140,11 +140,13 @@ def _probe_rows(probe: dict | None) -> list[str]:
     """eval/conditioning.py's numbers: how much of the caption reaches the U-Net up (absent in old reports)."""
     if not probe:
         return []
-    share = next(v for k, v in probe.items() if k.endswith("_dims_energy_share"))
+    from megafusion.eval.conditioning import TOP_DIMS
+
+    share = probe[f"top{TOP_DIMS}_dims_energy_share"]
     return [
         f"| caption swap at t={probe['timestep']}: change of the image tokens' last hidden states / of the noise "
         f"prediction | {probe['caption_swap_hidden_change']:.2%} / {probe['caption_swap_noise_change']:.2%} |",
-        f"| image tokens' last hidden states: RMS / energy share of their {len(probe['top_dims'])} largest "
+        f"| image tokens' last hidden states: RMS / energy share of their {TOP_DIMS} largest "
         f"dimensions | {probe['image_hidden_rms']:.1f} / {share:.0%} |",
     ]
 
