@@ -50,7 +50,9 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000
     # Named as in diffusers: squaredcos_cap_v2 (the paper's cosine schedule, Nichol & Dhariwal) or linear.
     beta_schedule: BetaSchedule = "squaredcos_cap_v2"
-    # What the U-Net up predicts (the paper: the noise).
+    # What the U-Net up predicts: epsilon (the paper: the noise) or v_prediction (Salimans & Ho 2022:
+    # v = sqrt(abar) eps - sqrt(1 - abar) x0, so at high noise the output is the clean image and its error is not
+    # scaled down by the tiny SNR there). Saved with the model; samplers and evaluation read it from there.
     prediction_type: PredictionType = "epsilon"
     # lambda in L = L_LM + lambda * L_DDPM; the paper does not print it, Transfusion uses 5.
     loss_weight: float = 5.0

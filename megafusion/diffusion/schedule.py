@@ -50,6 +50,7 @@ class DDPMSchedule:
         # Training-only settings of the run config's DiffusionConfig; a saved model's DiffusionArgs has none.
         self.loss_weighting = getattr(config, "loss_weighting", "uniform")
         self.min_snr_gamma = getattr(config, "min_snr_gamma", 5.0)
+        self.prediction_type = getattr(config, "prediction_type", "epsilon")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting: must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
 
@@ -59,19 +60,39 @@ class DDPMSchedule:
         return abar / (1.0 - abar)
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Per-image weight of the squared noise error (None = uniform: every image weighs 1). min_snr:
-        min(SNR, gamma) / SNR, the epsilon-prediction form of Min-SNR-gamma."""
+        """Per-image weight of the squared error against `target` (None = uniform: every image weighs 1). min_snr:
+        min(SNR, gamma) / SNR for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v prediction (Hang et al.'s
+        two forms: the same weight on the implied x0 error)."""
         if self.loss_weighting == "uniform":
             return None
         snr = self.snr(timesteps)
-        return (snr.clamp(max=self.min_snr_gamma) / snr).float()
+        denominator = snr + 1.0 if self.prediction_type == "v_prediction" else snr
+        return (snr.clamp(max=self.min_snr_gamma) / denominator).float()
+
+    def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = self.alphas_cumprod.to(like.device)[timesteps.long()]
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return abar.sqrt().to(like.dtype).reshape(shape), (1.0 - abar).sqrt().to(like.dtype).reshape(shape)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the U-Net up is trained to output: the noise (epsilon), or the velocity
+        v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022; diffusers' `get_velocity`)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a, s = self._coefficients(timesteps, latents)
+        return a * noise - s * latents
+
+    def epsilon(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The noise a prediction implies (eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t for v prediction), so noise
+        errors compare across prediction types."""
+        if self.prediction_type == "epsilon":
+            return prediction
+        a, s = self._coefficients(timesteps, prediction)
+        return a * prediction + s * noisy.to(prediction.dtype)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 2), one timestep per image."""
-        abar = self.alphas_cumprod.to(latents.device)[timesteps.long()]
-        shape = (-1,) + (1,) * (latents.dim() - 1)
-        a = abar.sqrt().to(latents.dtype).reshape(shape)
-        s = (1.0 - abar).sqrt().to(latents.dtype).reshape(shape)
+        a, s = self._coefficients(timesteps, latents)
         return a * latents + s * noise
 
     def sample_timesteps(

@@ -51,9 +51,11 @@ def conditioning_probe(model: LlamaFusion, tokenizer: TextTokenizer, latents: to
     ts = torch.full((len(latents),), t, dtype=torch.long)
     noisy = schedule.add_noise(latents.float(), noise, ts).to(model.embed_tokens.weight.dtype)
     prefix = list(tokenizer.prefix_ids)
-    h_own, eps_own = _image_hidden_and_noise(model, [prefix + tokenizer.encode(c) for c in captions], noisy, ts)
-    h_other, eps_other = _image_hidden_and_noise(model, [prefix + tokenizer.encode(c) for c in other_captions],
-                                                 noisy, ts)
+    h_own, pred_own = _image_hidden_and_noise(model, [prefix + tokenizer.encode(c) for c in captions], noisy, ts)
+    h_other, pred_other = _image_hidden_and_noise(model, [prefix + tokenizer.encode(c) for c in other_captions],
+                                                  noisy, ts)
+    # In noise terms whatever the model predicts, so the number compares across prediction types.
+    eps_own, eps_other = (schedule.epsilon(p, noisy.float(), ts) for p in (pred_own, pred_other))
     flat = h_own.reshape(-1, h_own.shape[-1])
     top = flat.abs().mean(0).topk(min(TOP_DIMS, flat.shape[-1])).indices
     energy = flat.pow(2)

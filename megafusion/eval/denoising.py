@@ -32,14 +32,16 @@ def mismatched_captions(captions: Sequence[str], labels: Sequence[Hashable]) -> 
 
 @torch.no_grad()
 def _noise_mse(model: LlamaFusion, prefixes: list[list[int]], noisy: torch.Tensor, timesteps: torch.Tensor,
-               noise: torch.Tensor, batch: int) -> float:
+               noise: torch.Tensor, batch: int, schedule: DDPMSchedule) -> float:
     total = 0.0
     for s in range(0, len(prefixes), batch):
         rows = [[p, [model.boi_id], noisy[s + i], [model.eoi_id]] for i, p in enumerate(prefixes[s : s + batch])]
         packed = pack_rows(model, rows)
         out = model(packed.input_ids, packed.modality, doc_ids=packed.doc_ids, images=packed.images,
                     timesteps=timesteps[s : s + batch], compute_logits=False)
-        err = (out.noise_pred.float() - noise[s : s + batch].float()).pow(2)
+        # The implied noise, so a v-prediction model's loss reads like an epsilon one's.
+        eps = schedule.epsilon(out.noise_pred.float(), noisy[s : s + batch].float(), timesteps[s : s + batch])
+        err = (eps - noise[s : s + batch].float()).pow(2)
         total += float(err.mean(dim=(1, 2, 3)).sum())
     return total / len(prefixes)
 
@@ -70,7 +72,7 @@ def heldout_denoising(model: LlamaFusion, tokenizer: TextTokenizer, latents: tor
         noise = torch.randn(latents.shape, generator=generator)
         ts = torch.full((len(latents),), int(t), dtype=torch.long)
         noisy = schedule.add_noise(latents.float(), noise, ts).to(dtype)
-        per_t[int(t)] = {name: _noise_mse(model, rows, noisy, ts, noise, batch)
+        per_t[int(t)] = {name: _noise_mse(model, rows, noisy, ts, noise, batch, schedule)
                          for name, rows in (("own", own), ("other", other), ("none", none))}
     mean = {k: sum(v[k] for v in per_t.values()) / len(per_t) for k in ("own", "other", "none")}
     return {

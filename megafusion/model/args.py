@@ -16,8 +16,8 @@ RoutingChoice = Literal["index", "triton", "auto"]
 ROUTING_CHOICES: tuple[str, ...] = ("index", "triton", "auto")
 BetaSchedule = Literal["squaredcos_cap_v2", "linear"]
 BETA_SCHEDULES: tuple[str, ...] = ("squaredcos_cap_v2", "linear")
-PredictionType = Literal["epsilon"]
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon",)
+PredictionType = Literal["epsilon", "v_prediction"]
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 
 
 def _require(ok: bool, message: str) -> None:

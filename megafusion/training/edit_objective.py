@@ -88,7 +88,7 @@ def collate_edit_examples(examples: Sequence[EditExample]) -> EditBatch:
 def edit_diffusion_loss(
     model: LlamaFusion, batch: EditBatch, schedule: DDPMSchedule, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Noise-prediction MSE on the targets; sources enter clean at t = 0 (as at inference)."""
+    """Noise- (or v-) prediction MSE on the targets; sources enter clean at t = 0 (as at inference)."""
     noised = batch.noised.to(batch.latents.device)
     timesteps = schedule.sample_timesteps(torch.zeros_like(noised), generator)
     timesteps = torch.where(noised, timesteps, torch.zeros_like(timesteps))
@@ -97,4 +97,5 @@ def edit_diffusion_loss(
     images = torch.where(noised[:, None, None, None], noisy, batch.latents)
     out = model(batch.input_ids, batch.modality, doc_ids=batch.doc_ids, images=images, timesteps=timesteps,
                 compute_logits=False)
-    return F.mse_loss(out.noise_pred[noised].float(), noise[noised].float())
+    target = schedule.target(batch.latents, noise, timesteps)
+    return F.mse_loss(out.noise_pred[noised].float(), target[noised].float())

@@ -214,7 +214,8 @@ class TransfusionObjective:
 
         num_elements = 0
         if num_images:
-            pred, target = at_least_fp32(out.noise_pred), at_least_fp32(noise)
+            pred = at_least_fp32(out.noise_pred)
+            target = at_least_fp32(self.schedule.target(latents, noise, timesteps))
             num_elements = target.numel()
             weights = self.schedule.loss_weights(timesteps)
             if weights is None:

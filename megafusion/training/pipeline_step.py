@@ -58,7 +58,8 @@ def prepare_micro_batch(batch: dict[str, Any], generator: torch.Generator, objec
     # Padding images weigh 0 (they carry no loss either way: the last stage reads only the real ones).
     out["image_weights"] = _pad(weights.float(), max_images)
     out["timesteps"] = _pad(timesteps.long(), max_images)
-    out["noise"] = _pad(noise, max_images)
+    # What the last stage compares the U-Net up with: the noise, or v (DDPMSchedule.target).
+    out["noise"] = _pad(None if noise is None else objective.schedule.target(latents, noise, timesteps), max_images)
     out["noisy"] = _pad(noisy, max_images)
     return out
 

@@ -65,3 +65,42 @@ def test_min_snr_weights_match_diffusers_compute_snr(gamma):
     torch.testing.assert_close(ours, want.float(), rtol=1e-3, atol=1e-7)
     assert ours[0] < 0.01 and ours[-1] == 1.0, "low-noise steps are down-weighted, high-noise ones keep weight 1"
     assert DDPMSchedule(DiffusionConfig()).loss_weights(t) is None, "uniform: the paper's plain MSE"
+
+
+def test_v_target_is_diffusers_velocity_and_min_snr_uses_snr_plus_one():
+    """prediction_type=v_prediction: the target is diffusers' get_velocity, and Min-SNR takes its v form
+    min(SNR, gamma) / (SNR + 1) (diffusers' train_text_to_image for v_prediction)."""
+    from diffusers.training_utils import compute_snr
+
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 100, 500, 900, 999])
+    ours = DDPMSchedule(DiffusionConfig(prediction_type="v_prediction", loss_weighting="min_snr"))
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    torch.testing.assert_close(ours.target(latents, noise, t), ref.get_velocity(latents, noise, t),
+                               atol=1e-5, rtol=1e-5)
+    snr = compute_snr(ref, t)
+    want = torch.stack([snr, 5.0 * torch.ones_like(snr)]).min(dim=0)[0] / (snr + 1)
+    torch.testing.assert_close(ours.loss_weights(t), want.float(), rtol=1e-3, atol=1e-7)
+    eps = DDPMSchedule(DiffusionConfig())
+    assert eps.target(latents, noise, t) is noise, "epsilon prediction's target is the noise itself"
+
+
+@pytest.mark.parametrize("t", [20, 480, 960])
+def test_v_prediction_implies_the_noise_diffusers_steps_with(t):
+    """schedule.epsilon(v, x_t, t) is the noise diffusers' DDIM derives from a v prediction: a DDIM step on the
+    v output with a v_prediction scheduler equals a step on our implied noise with an epsilon scheduler."""
+    from diffusers import DDIMScheduler
+
+    g = torch.Generator().manual_seed(1)
+    x_t, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    ours = DDPMSchedule(DiffusionConfig(prediction_type="v_prediction"))
+    eps = ours.epsilon(v, x_t, torch.full((3,), t))
+    steps = []
+    for kind, out in (("v_prediction", v), ("epsilon", eps)):
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=kind,
+                              clip_sample=False)
+        sched.set_timesteps(50)
+        steps.append(sched.step(out, t, x_t).prev_sample)
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(eps, v), "the conversion must do something at every t tested"

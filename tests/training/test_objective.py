@@ -84,3 +84,28 @@ def test_min_snr_weighting_scales_each_images_error(tmp_path):
     torch.testing.assert_close(a.diffusion_loss_sum, want.float(), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(a.diffusion_loss_sum, plain.diffusion_loss_sum), "the weights must matter here"
     torch.testing.assert_close(a.lm_loss_sum, plain.lm_loss_sum)
+
+
+def test_v_prediction_loss_is_mse_against_diffusers_velocity(tmp_path):
+    """prediction_type=v_prediction: the diffusion loss is the MSE between the U-Net up's output and diffusers'
+    get_velocity(x_0, eps, t) for the same draws; the model carries the type so samplers read it."""
+    from diffusers import DDPMScheduler
+
+    from megafusion.config.schema import DiffusionConfig
+
+    save_tiny_llama(tmp_path, "gqa-untied")
+    model = LlamaFusion.from_llama(tmp_path, image=TINY_IMAGE, unet=TINY_UNET)
+    batch = mixed_batch(97, TINY_IMAGE)
+    schedule = DDPMSchedule(DiffusionConfig(prediction_type="v_prediction"))
+    with torch.no_grad():
+        a = TransfusionObjective(schedule, 5.0)(model, batch["input_ids"], batch["modality"],
+                                                latents=batch["images"], generator=torch.Generator())
+        g = torch.Generator()
+        t = schedule.sample_timesteps(torch.zeros(2, dtype=torch.bool), g)
+        noise = torch.randn(batch["images"].shape, generator=g)
+        out = model(batch["input_ids"], batch["modality"], images=schedule.add_noise(batch["images"], noise, t),
+                    timesteps=t)
+    velocity = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                             prediction_type="v_prediction").get_velocity(batch["images"], noise, t)
+    torch.testing.assert_close(a.diffusion_loss, torch.mean((out.noise_pred - velocity) ** 2), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a.diffusion_loss, torch.mean((out.noise_pred - noise) ** 2))
