@@ -58,6 +58,21 @@ def deepspeed_config(train: TrainConfig, precision: str | None = None) -> dict[s
     return config
 
 
+def keep_fp32_clip_norm(engine: Any) -> None:
+    """DeepSpeed's fp32 ZeRO-0 step clips with clip_grad_norm_ but drops the norm it computed (only its ZeRO and
+    bf16 optimizers keep one), so get_global_grad_norm() stayed None there; keep it, at no extra cost."""
+    if (engine.gradient_clipping() <= 0 or engine.fp16_enabled() or engine.bfloat16_enabled()
+            or engine.zero_optimization()):
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
+
+
 def apply_layer_checkpointing(model: LlamaFusion) -> None:
     """Recompute each FusionBlock's activations in backward instead of storing them."""
     apply_activation_checkpointing(

@@ -44,7 +44,7 @@ def main() -> None:
         "--train.precision=fp32", f"--train.output_dir={args.workdir}",
     ])
     run = setup_training(cfg)
-    losses = []
+    losses, grad_norms = [], []
     for step in range(STEPS):
         total = 0.0
         indices = [run.rank * accum + micro for micro in range(accum)]
@@ -56,6 +56,7 @@ def main() -> None:
         t = torch.tensor([total], dtype=torch.float64)
         dist.all_reduce(t)
         losses.append(t.item())
+        grad_norms.append(run.engine.get_global_grad_norm())
 
     base = LlamaFusion.from_llama(run.ctx.base, cfg.model.separation, cfg.image, cfg.unet)
     reference = dict(base.named_parameters())
@@ -67,7 +68,8 @@ def main() -> None:
             unchanged &= torch.equal(param.detach().cpu(), reference[name].detach())
     if run.rank == 0:
         with open(args.out, "w") as fh:
-            json.dump({"losses": losses, "text_unchanged": bool(unchanged)}, fh)
+            json.dump({"losses": losses, "grad_norms": [None if n is None else float(n) for n in grad_norms],
+                       "text_unchanged": bool(unchanged)}, fh)
 
 
 if __name__ == "__main__":
