@@ -15,7 +15,7 @@ import torch
 
 from megafusion.data_pipeline.tokenizer import TextTokenizer
 from megafusion.diffusion.schedule import DDPMSchedule
-from megafusion.inference.sequence import pack_rows
+from megafusion.eval.denoising import predict_after_prefixes
 from megafusion.model import LlamaFusion
 
 TOP_DIMS = 5
@@ -27,10 +27,7 @@ def _image_hidden_and_noise(model: LlamaFusion, prefixes: list[list[int]], noisy
     captured: list[torch.Tensor] = []
     hook = model.unet_up.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float()))
     try:
-        rows = [[p, [model.boi_id], noisy[i], [model.eoi_id]] for i, p in enumerate(prefixes)]
-        packed = pack_rows(model, rows)
-        out = model(packed.input_ids, packed.modality, doc_ids=packed.doc_ids, images=packed.images,
-                    timesteps=timesteps, compute_logits=False)
+        out = predict_after_prefixes(model, prefixes, noisy, timesteps)
     finally:
         hook.remove()
     return captured[0], out.noise_pred.float()

@@ -15,7 +15,7 @@ import torch
 from megafusion.data_pipeline.tokenizer import TextTokenizer
 from megafusion.diffusion.schedule import DDPMSchedule
 from megafusion.inference.sequence import pack_rows
-from megafusion.model import LlamaFusion
+from megafusion.model import FusionOutput, LlamaFusion
 
 
 def mismatched_captions(captions: Sequence[str], labels: Sequence[Hashable]) -> list[str]:
@@ -31,14 +31,21 @@ def mismatched_captions(captions: Sequence[str], labels: Sequence[Hashable]) -> 
 
 
 @torch.no_grad()
+def predict_after_prefixes(model: LlamaFusion, prefixes: list[list[int]], noisy: torch.Tensor,
+                           timesteps: torch.Tensor) -> FusionOutput:
+    """One `prefix BOI image EOI` document per row (image i = noisy[i]), packed and run without LM logits."""
+    rows = [[p, [model.boi_id], noisy[i], [model.eoi_id]] for i, p in enumerate(prefixes)]
+    packed = pack_rows(model, rows)
+    return model(packed.input_ids, packed.modality, doc_ids=packed.doc_ids, images=packed.images,
+                 timesteps=timesteps, compute_logits=False)
+
+
+@torch.no_grad()
 def _noise_mse(model: LlamaFusion, prefixes: list[list[int]], noisy: torch.Tensor, timesteps: torch.Tensor,
                noise: torch.Tensor, batch: int, schedule: DDPMSchedule) -> float:
     total = 0.0
     for s in range(0, len(prefixes), batch):
-        rows = [[p, [model.boi_id], noisy[s + i], [model.eoi_id]] for i, p in enumerate(prefixes[s : s + batch])]
-        packed = pack_rows(model, rows)
-        out = model(packed.input_ids, packed.modality, doc_ids=packed.doc_ids, images=packed.images,
-                    timesteps=timesteps[s : s + batch], compute_logits=False)
+        out = predict_after_prefixes(model, prefixes[s : s + batch], noisy[s : s + batch], timesteps[s : s + batch])
         # The implied noise, so a v-prediction model's loss reads like an epsilon one's.
         eps = schedule.epsilon(out.noise_pred.float(), noisy[s : s + batch].float(), timesteps[s : s + batch])
         err = (eps - noise[s : s + batch].float()).pow(2)
