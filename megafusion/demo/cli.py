@@ -34,7 +34,8 @@ def add_ablate_parser(sub: Any) -> None:
     p.add_argument("--out", default="outputs/ablate")
     p.add_argument("--demo-out", default=None,
                    help="demo output dir whose VAE and shards are reused (default: the demo's default for the dataset)")
-    p.add_argument("--steps", type=int, default=80, help="training steps per arm")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per arm (default: the demo config's, with its warmup)")
     p.add_argument("--separations", default="none,ffn,deep")
     p.add_argument("--ratios", default="0,0.1,1", help="lr_text / lr_image")
     p.add_argument("--seeds", default="0", help="training seeds per arm, e.g. 0,1,2 (the table gives mean and spread)")
