@@ -63,6 +63,13 @@ class DiffusionConfig:
     # epsilon prediction, which stops the many easy low-noise steps from dominating; reported ~3x faster).
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     min_snr_gamma: float = 5.0
+    # Density of training timesteps for images that do not precede their caption: uniform (the paper, DDPM) or
+    # logit_normal (Esser et al. 2024, SD3: t/T = sigmoid(n), n ~ N(logit_mean, logit_std)); a positive mean
+    # spends more samples at high noise, where which digit to draw is decided. Image-first images stay uniform
+    # under image_first_max_timestep.
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         self.args()  # DiffusionArgs validates what a saved model carries
@@ -70,6 +77,9 @@ class DiffusionConfig:
         _require(self.loss_weighting in ("uniform", "min_snr"),
                  f"loss_weighting: must be uniform or min_snr, got {self.loss_weighting!r}")
         _require(self.min_snr_gamma > 0, f"min_snr_gamma: must be > 0, got {self.min_snr_gamma}")
+        _require(self.timestep_sampling in ("uniform", "logit_normal"),
+                 f"timestep_sampling: must be uniform or logit_normal, got {self.timestep_sampling!r}")
+        _require(self.logit_std > 0, f"logit_std: must be > 0, got {self.logit_std}")
         _require(
             0 <= self.image_first_max_timestep < self.num_train_timesteps,
             f"image_first_max_timestep: must be in [0, {self.num_train_timesteps}), "

@@ -31,6 +31,7 @@ def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float =
 
 BETA_FUNCTIONS = {"squaredcos_cap_v2": cosine_betas, "linear": linear_betas}
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
 class DDPMSchedule:
@@ -51,8 +52,13 @@ class DDPMSchedule:
         self.loss_weighting = getattr(config, "loss_weighting", "uniform")
         self.min_snr_gamma = getattr(config, "min_snr_gamma", 5.0)
         self.prediction_type = getattr(config, "prediction_type", "epsilon")
+        self.timestep_sampling = getattr(config, "timestep_sampling", "uniform")
+        self.logit_mean = getattr(config, "logit_mean", 0.0)
+        self.logit_std = getattr(config, "logit_std", 1.0)
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting: must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling: must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}")
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) of each timestep, in float64."""
@@ -98,11 +104,18 @@ class DDPMSchedule:
     def sample_timesteps(
         self, image_first: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Uniform t in [0, T); images that precede their caption get t <= image_first_max_timestep, so the
-        caption's LM loss still sees a readable image (Transfusion)."""
+        """Uniform t in [0, T) (or logit-normal, see DiffusionConfig.timestep_sampling); images that precede their
+        caption get a uniform t <= image_first_max_timestep, so the caption's LM loss still sees a readable image
+        (Transfusion)."""
         n = image_first.numel()
         device = image_first.device
-        u = torch.rand(n, generator=generator, device=device)
+        if self.timestep_sampling == "uniform":
+            u = torch.rand(n, generator=generator, device=device)
+        else:
+            # One normal draw per image gives both densities: its CDF is uniform, its sigmoid logit-normal.
+            z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
+            u = torch.where(image_first.reshape(-1).bool(), torch.special.ndtr(z),
+                            torch.sigmoid(self.logit_mean + self.logit_std * z))
         high = torch.where(
             image_first.reshape(-1).bool(),
             torch.tensor(self.image_first_max_timestep + 1, device=device),

@@ -54,6 +54,8 @@ def test_unknown_section(tmp_path):
         ("image:\n  latent_size: 30\n  patch_size: 4\n", "image.patch_size"),
         ("unet:\n  channels: 48\n  norm_groups: 32\n", "unet.norm_groups"),
         ("diffusion:\n  image_first_max_timestep: 1000\n", "diffusion.image_first_max_timestep"),
+        ("diffusion:\n  timestep_sampling: lognormal\n", "diffusion.timestep_sampling"),
+        ("diffusion:\n  logit_std: 0\n", "diffusion.logit_std"),
         ("optim:\n  lr_text: fast\n", "optim.lr_text"),
     ],
 )

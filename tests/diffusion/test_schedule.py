@@ -37,6 +37,35 @@ def test_image_first_timesteps_are_capped():
     assert abs(t[~first].float().mean().item() - 499.5) < 15
 
 
+def test_logit_normal_timesteps_follow_diffusers_sd3_density():
+    """Caption-first images: t/T distributed as diffusers' SD3 `compute_density_for_timestep_sampling`
+    (logit_normal); image-first images: still uniform under their cap."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from scipy.stats import ks_2samp, kstest
+
+    mean, std, n = 0.8, 1.2, 20_000
+    schedule = DDPMSchedule(DiffusionConfig(image_first_max_timestep=300, timestep_sampling="logit_normal",
+                                            logit_mean=mean, logit_std=std))
+    first = torch.tensor([True, False] * n)
+    t = schedule.sample_timesteps(first, torch.Generator().manual_seed(0))
+    ref = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=mean, logit_std=std,
+                                                generator=torch.Generator().manual_seed(1))
+    ref_t = (ref * 1000).long().clamp(max=999)
+    assert ks_2samp(t[~first].numpy(), ref_t.numpy()).pvalue > 0.01
+    shifted = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=mean + 0.1, logit_std=std,
+                                                    generator=torch.Generator().manual_seed(1))
+    assert ks_2samp(t[~first].numpy(), (shifted * 1000).long().numpy()).pvalue < 1e-3  # the check can tell
+    assert t[first].max() <= 300 and t[first].min() == 0
+    assert kstest((t[first].double() + 0.5).numpy() / 301, "uniform").pvalue > 0.01
+
+
+def test_uniform_timesteps_draw_as_before():
+    """The default keeps the draw every earlier run made: floor(U[0, 1) * T)."""
+    t = DDPMSchedule().sample_timesteps(torch.zeros(64, dtype=torch.bool), torch.Generator().manual_seed(3))
+    expected = (torch.rand(64, generator=torch.Generator().manual_seed(3)) * 1000).long()
+    assert torch.equal(t, expected)
+
+
 @pytest.mark.parametrize("schedule,steps", [("linear", 1000), ("linear", 500), ("squaredcos_cap_v2", 250)])
 def test_each_beta_schedule_matches_diffusers(schedule, steps):
     from megafusion.model.args import DiffusionArgs
