@@ -26,7 +26,8 @@ def test_quick_demo_writes_report_and_reuses_finished_steps(tmp_path):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     assert set(report["targets"]) == {"generation_accuracy_cfg_le_5", "generation_accuracy_cfg_1.55",
-                                      "fid_in_domain_over_floor", "caption_accuracy", "text_identical_to_base",
+                                      "fid_in_domain_over_floor", "fid_in_domain_over_floor_cfg_1.55",
+                                      "caption_accuracy", "text_identical_to_base",
                                       "wall_seconds"}
     assert report["targets"]["text_identical_to_base"]["value"] is True  # text frozen: always identical
     ev = report["eval"]
