@@ -42,7 +42,10 @@ class AblationSettings:
 
 # Guidance as in the demo's eval. 200 captions and 10 images per digit: with 60 and 4, one seed's caption and
 # generation accuracies carried a binomial spread (~0.04 and ~0.07) as large as the gaps between arms.
+# Also scored: accuracy at the paper's CFG 1.55, and FID without guidance (CFG 1), where the diversity guidance
+# trades away does not dominate it.
 ABLATION_EVAL = {"images_per_prompt": 10, "num_caption_images": 200, "num_denoising_images": 50,
+                 "guidance_sweep": (1.0, 1.55),
                  "text_max_new_tokens": 16, "num_text_prompts": 2, "guidance_scale": DEMO_GUIDANCE}
 
 
@@ -110,10 +113,13 @@ def run_ablation(settings: AblationSettings) -> dict:
         _train_arm(config_path, overrides, steps, arm / "run", arm / "model", arm / "train.log")
         result = evaluate(arm / "model", vae_dir, settings.dataset, arm / "eval", EvalSettings(**eval_kwargs))
         text = result["text"]
+        sweep = {p["guidance_scale"]: p for p in result["generation"].get("guidance_sweep", [])}
         rows.append({
             "arm": name, "separation": separation, "lr_ratio": ratio, "seed": seed,
             "generation_accuracy": result["generation"]["accuracy"],
+            "generation_accuracy_cfg_1.55": sweep[1.55]["accuracy"] if 1.55 in sweep else None,
             "fid_in_domain": result["generation"]["fid_in_domain"],
+            "fid_in_domain_cfg_1": sweep[1.0]["fid_in_domain"] if 1.0 in sweep else None,
             "caption_accuracy": result["captioning"]["accuracy"],
             "cider": result["captioning"]["cider"],
             "heldout_noise_mse": result["denoising"]["loss_own_caption"],
@@ -138,14 +144,16 @@ def _settings_dict(settings: AblationSettings) -> dict:
 
 
 # Scores summarised over seeds, and which way is better (for the ordering check).
-SUMMARY_METRICS = {"generation_accuracy": "higher", "fid_in_domain": "lower", "caption_accuracy": "higher",
-                   "heldout_noise_mse": "lower", "caption_gain": "higher", "perplexity_change": "closer to 0"}
+SUMMARY_METRICS = {"generation_accuracy": "higher", "generation_accuracy_cfg_1.55": "higher", "fid_in_domain": "lower",
+                   "fid_in_domain_cfg_1": "lower", "caption_accuracy": "higher", "heldout_noise_mse": "lower",
+                   "caption_gain": "higher", "perplexity_change": "closer to 0"}
 PAPER_ORDER = ("deep", "ffn", "none")
 
 
 def seed_summary(rows: list[dict]) -> list[dict]:
     """One entry per (separation, lr ratio): each metric's mean and sample standard deviation over its seeds (0
-    for a single seed), the seeds, and the mean perplexity ratio (for the plot's x axis)."""
+    for a single seed; None when no run scored it), the seeds, and the mean perplexity ratio (for the plot's x
+    axis)."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["separation"], r["lr_ratio"]), []).append(r)
@@ -153,9 +161,9 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     for (separation, ratio), runs in groups.items():
         entry: dict = {"separation": separation, "lr_ratio": ratio, "seeds": [r.get("seed", 0) for r in runs]}
         for key in SUMMARY_METRICS:
-            values = [float(r[key]) for r in runs]
+            values = [float(r[key]) for r in runs if r.get(key) is not None]
             entry[key] = {"mean": statistics.fmean(values),
-                          "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+                          "std": statistics.stdev(values) if len(values) > 1 else 0.0} if values else None
         entry["log_perplexity_ratio"] = statistics.fmean(math.log(r["perplexity"] / r["perplexity_base"])
                                                          for r in runs)
         summary.append(entry)
@@ -168,7 +176,7 @@ def paper_ordering(summary: list[dict], ratio: float = 0.0) -> dict[str, bool | 
     means = {e["separation"]: e for e in summary if e["lr_ratio"] == ratio}
     result: dict[str, bool | None] = {}
     for key, better in SUMMARY_METRICS.items():
-        if key == "perplexity_change" or not all(s in means for s in PAPER_ORDER):
+        if key == "perplexity_change" or not all(s in means and means[s][key] for s in PAPER_ORDER):
             continue
         values = [means[s][key]["mean"] for s in PAPER_ORDER]
         ranked = values[0] > values[1] > values[2] if better == "higher" else values[0] < values[1] < values[2]
@@ -184,14 +192,16 @@ def ablation_markdown(rows: list[dict], settings: AblationSettings) -> str:
         "Image scores: generation accuracy and in-domain FID of sampled images; held-out noise-prediction MSE "
         "(lower is better) and the caption gain (MSE with another class's caption minus with the image's own: how "
         "much the image path uses the text), both measured before samples become recognisable. Images are sampled "
-        f"with CFG {ev['guidance_scale']:g} ({ev['images_per_prompt']} per prompt).", "",
+        f"with CFG {ev['guidance_scale']:g} ({ev['images_per_prompt']} per prompt); accuracy also at CFG 1.55 and FID "
+        "also at CFG 1 (no guidance), where guidance's loss of diversity does not dominate it.", "",
     ]
     summary = seed_summary(rows)
     lines += ["Mean ± standard deviation over seeds:", "",
-              "| separation | lr_text/lr_img | seeds | gen acc | FID (in-domain) | caption acc | noise MSE "
-              "| caption gain | perplexity change |", "|---|---|---|---|---|---|---|---|---|"]
+              "| separation | lr_text/lr_img | seeds | gen acc | gen acc CFG 1.55 | FID (in-domain) | FID CFG 1 "
+              "| caption acc | noise MSE | caption gain | perplexity change |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
-        cells = [f"{e[k]['mean']:.4g} ± {e[k]['std']:.2g}" for k in SUMMARY_METRICS]  # the header's order
+        cells = [f"{e[k]['mean']:.4g} ± {e[k]['std']:.2g}" if e[k] else "n/a" for k in SUMMARY_METRICS]  # header order
         lines.append(f"| {e['separation']} | {e['lr_ratio']:g} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
     ordering = paper_ordering(summary)
     if ordering:
@@ -199,13 +209,19 @@ def ablation_markdown(rows: list[dict], settings: AblationSettings) -> str:
                   + ", ".join(f"{k}: {'holds' if ok else 'does not hold'}" for k, ok in ordering.items()) + "."]
     lines += [
         "", "Every run:", "",
-        "| separation | lr_text/lr_img | seed | gen acc | FID (in-domain) | noise MSE | caption gain | caption acc "
-        "| CIDEr | perplexity change | greedy = base |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| separation | lr_text/lr_img | seed | gen acc | gen acc CFG 1.55 | FID (in-domain) | FID CFG 1 | noise MSE "
+        "| caption gain | caption acc | CIDEr | perplexity change | greedy = base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def optional(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
     for r in rows:
         lines.append(f"| {r['separation']} | {r['lr_ratio']:g} | {r.get('seed', 0)} | {r['generation_accuracy']:.3f} | "
-                     f"{r['fid_in_domain']:.2f} | {r['heldout_noise_mse']:.4f} | {r['caption_gain']:+.4f} | "
+                     f"{optional(r.get('generation_accuracy_cfg_1.55'), '.3f')} | {r['fid_in_domain']:.2f} | "
+                     f"{optional(r.get('fid_in_domain_cfg_1'), '.2f')} | "
+                     f"{r['heldout_noise_mse']:.4f} | {r['caption_gain']:+.4f} | "
                      f"{r['caption_accuracy']:.3f} | {r['cider']:.3f} | "
                      f"{r['perplexity_change']:+.4f} | {'yes' if r['greedy_identical'] else 'no'} |")
     lines += ["", "![ablation](ablation.png)", ""]

@@ -10,7 +10,8 @@ from megafusion.demo.ablate import AblationSettings, ablation_markdown, paper_or
 
 def _row(separation, seed, gen, fid, cap, ratio=0.0):
     return {"arm": f"{separation}-{seed}", "separation": separation, "lr_ratio": ratio, "seed": seed,
-            "generation_accuracy": gen, "fid_in_domain": fid, "caption_accuracy": cap, "cider": 0.5,
+            "generation_accuracy": gen, "generation_accuracy_cfg_1.55": gen - 0.05, "fid_in_domain": fid,
+            "fid_in_domain_cfg_1": fid / 2, "caption_accuracy": cap, "cider": 0.5,
             "heldout_noise_mse": 0.2 - gen / 10, "caption_gain": gen / 100, "perplexity": 10.0,
             "perplexity_base": 10.0, "perplexity_change": 0.0, "greedy_identical": True, "text_identical": True}
 
@@ -29,12 +30,23 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert summary["none"]["fid_in_domain"]["std"] == pytest.approx(10.0)
     single = seed_summary([_row("deep", 0, 0.5, 100, 0.5)])[0]
     assert single["caption_accuracy"]["std"] == 0.0 and math.isclose(single["log_perplexity_ratio"], 0.0)
+    assert summary["ffn"]["fid_in_domain_cfg_1"]["mean"] == pytest.approx(65.0)
+
+
+def test_a_metric_no_run_scored_is_none_and_left_out_of_the_ordering():
+    """The quick grid scores no CFG 1.55: the summary says so instead of failing, and the table shows n/a."""
+    rows = [{k: v for k, v in r.items() if k != "generation_accuracy_cfg_1.55"} for r in ROWS]
+    summary = seed_summary(rows)
+    assert all(e["generation_accuracy_cfg_1.55"] is None for e in summary)
+    assert "generation_accuracy_cfg_1.55" not in paper_ordering(summary)
+    md = ablation_markdown(rows, AblationSettings(seeds=[0, 1, 2]))
+    assert "| deep | 0 | 3 | 0.7 ± 0.1 | n/a |" in md
 
 
 def test_paper_ordering_follows_the_means_and_the_better_direction():
     assert paper_ordering(seed_summary(ROWS)) == {
-        "generation_accuracy": True, "fid_in_domain": True, "caption_accuracy": True,
-        "heldout_noise_mse": True, "caption_gain": True}
+        "generation_accuracy": True, "generation_accuracy_cfg_1.55": True, "fid_in_domain": True,
+        "fid_in_domain_cfg_1": True, "caption_accuracy": True, "heldout_noise_mse": True, "caption_gain": True}
     swapped = [dict(r, separation={"ffn": "none", "none": "ffn"}.get(r["separation"], r["separation"]))
                for r in ROWS]
     assert not any(paper_ordering(seed_summary(swapped)).values())
