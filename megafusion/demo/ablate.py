@@ -21,6 +21,7 @@ from pathlib import Path
 
 from megafusion.demo.data_prep import VaeSettings, prepare_demo_data
 from megafusion.demo.pipeline import DEMO_GUIDANCE, QUICK_EVAL, QUICK_OVERRIDES, QUICK_VAE, DemoSettings, demo_config
+from megafusion.demo.report import generation_points
 from megafusion.demo.runs import export_ready, export_run, trained_step
 
 
@@ -113,7 +114,7 @@ def run_ablation(settings: AblationSettings) -> dict:
         _train_arm(config_path, overrides, steps, arm / "run", arm / "model", arm / "train.log")
         result = evaluate(arm / "model", vae_dir, settings.dataset, arm / "eval", EvalSettings(**eval_kwargs))
         text = result["text"]
-        sweep = {p["guidance_scale"]: p for p in result["generation"].get("guidance_sweep", [])}
+        sweep = generation_points(result["generation"])
         rows.append({
             "arm": name, "separation": separation, "lr_ratio": ratio, "seed": seed,
             "generation_accuracy": result["generation"]["accuracy"],

@@ -89,7 +89,7 @@ def training_summary(records: list[dict]) -> dict:
     }
 
 
-def _generation_points(gen: dict) -> dict[float, dict]:
+def generation_points(gen: dict) -> dict[float, dict]:
     """Every scored guidance scale -> its point (the sweep and the headline scale)."""
     points = {p["guidance_scale"]: p for p in gen.get("guidance_sweep", [])}
     if gen.get("guidance_scale") is not None:
@@ -106,7 +106,7 @@ def _target(value: Any, name: str) -> dict:
 def _targets(results: dict, wall: float, dataset: str) -> dict:
     text = results.get("text") or {}
     gen, cap = results["generation"], results["captioning"]
-    points = _generation_points(gen)
+    points = generation_points(gen)
     low = [p["accuracy"] for scale, p in points.items() if scale <= 5.0]
     floor = results["classifier"].get("fid_real_floor") or results["classifier"]["fid_real_train_vs_test"]
     out = {
@@ -281,7 +281,7 @@ def _generation_tables(r: dict, floor: float) -> list[str]:
                      f"{_fmt(rec.get('test_confident_accuracy'))} | {_fmt(rec.get('test_accuracy'))} | "
                      f"{_fmt(rec.get(f'{split}_vae_roundtrip_confident_accuracy'))} |")
     lines.append("")
-    points = sorted(_generation_points(gen).items())
+    points = sorted(generation_points(gen).items())
     if points:
         lines += ["Generation accuracy by classifier-free guidance scale (same prompts and seed; 1 = without CFG, "
                   "1.55 = the paper's CFG); the last accuracy column is the in-domain classifier's plain argmax, "

@@ -109,15 +109,15 @@ class DDPMSchedule:
         (Transfusion)."""
         n = image_first.numel()
         device = image_first.device
+        first = image_first.reshape(-1).bool()
         if self.timestep_sampling == "uniform":
             u = torch.rand(n, generator=generator, device=device)
         else:
             # One normal draw per image gives both densities: its CDF is uniform, its sigmoid logit-normal.
             z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
-            u = torch.where(image_first.reshape(-1).bool(), torch.special.ndtr(z),
-                            torch.sigmoid(self.logit_mean + self.logit_std * z))
+            u = torch.where(first, torch.special.ndtr(z), torch.sigmoid(self.logit_mean + self.logit_std * z))
         high = torch.where(
-            image_first.reshape(-1).bool(),
+            first,
             torch.tensor(self.image_first_max_timestep + 1, device=device),
             torch.tensor(self.num_timesteps, device=device),
         )
