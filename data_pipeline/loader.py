@@ -56,6 +56,12 @@ class LoaderSettings:
 
     max_len: int = 4096  # tokens per packed sequence
     caption_first_prob: float = 0.8  # share of documents with the caption before the image
+    # A two-stage curriculum: from `caption_first_late_epoch` epochs of data on (a reader's progress through its
+    # share, so fractions of an epoch work on large data), documents are caption-first at this share instead.
+    # Keyed on data position, not step, so a document's layout stays a function of its position (exact resumes,
+    # any world size or engine). None = one share throughout.
+    caption_first_prob_late: float | None = None
+    caption_first_late_epoch: float = 0.0
     # Share of caption-first documents whose caption is dropped ("BOI image EOI EOS", every timestep): the
     # unconditional prediction classifier-free guidance needs (Ho & Salimans 2022). 0 leaves image-first
     # documents as the only caption-less images, and those only see t <= image_first_max_timestep.
@@ -72,6 +78,10 @@ class LoaderSettings:
             (self.max_len > 1, f"max_len: must be > 1, got {self.max_len}"),
             (0.0 <= self.caption_first_prob <= 1.0,
              f"caption_first_prob: must be in [0, 1], got {self.caption_first_prob}"),
+            (self.caption_first_prob_late is None or 0.0 <= self.caption_first_prob_late <= 1.0,
+             f"caption_first_prob_late: must be in [0, 1] or null, got {self.caption_first_prob_late}"),
+            (self.caption_first_late_epoch >= 0.0,
+             f"caption_first_late_epoch: must be >= 0, got {self.caption_first_late_epoch}"),
             (0.0 <= self.caption_dropout_prob < 1.0,
              f"caption_dropout_prob: must be in [0, 1), got {self.caption_dropout_prob}"),
             (self.shuffle_buffer >= 1, f"shuffle_buffer: must be >= 1, got {self.shuffle_buffer}"),
@@ -79,6 +89,11 @@ class LoaderSettings:
         ):
             if not ok:
                 raise ValueError(message)
+
+    def caption_first_prob_at(self, epochs: float) -> float:
+        """The caption-first share after `epochs` epochs of a reader's data."""
+        late = self.caption_first_prob_late
+        return self.caption_first_prob if late is None or epochs < self.caption_first_late_epoch else late
 
 
 class LatentSequenceStream(IterableDataset):
@@ -241,10 +256,11 @@ class _WorkerStream:
                 continue
             delivered += 1
             cfg = self.ds.cfg
-            image_first = draw >= cfg.caption_first_prob
+            caption_first = cfg.caption_first_prob_at(epoch + (pos - self.start) / (self.end - self.start))
+            image_first = draw >= caption_first
             # The same draw decides the dropout (its lowest share), so a document's layout stays a function of
             # its position alone and resumes stay exact.
-            dropped = draw < cfg.caption_first_prob * cfg.caption_dropout_prob
+            dropped = draw < caption_first * cfg.caption_dropout_prob
             caption = [] if dropped else self.tokenizer.encode(record.caption)
             doc = self.packer.document(record.key, caption, record.latent, image_first)
             done = self.packer.add(doc)

@@ -69,6 +69,27 @@ def test_caption_first_ratio_is_honoured(tmp_path):
     assert abs(flags.float().mean().item() - 0.2) < 0.05
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_caption_first_curriculum_switches_at_the_readers_epoch_fraction(tmp_path, world):
+    """All caption-first for the first 0.5 epoch of each reader's share, all image-first after: with the order
+    unshuffled (shuffle_buffer=1), a reader's first half of its positions holds exactly the caption-first
+    documents, and its whole second epoch is image-first."""
+    shards = make_latent_shards(tmp_path / "s", num_shards=4, per_shard=10)
+    share = 40 // world
+    for rank in range(world):
+        stream = _stream(tmp_path, shards, rank=rank, world=world, num_workers=0, shuffle_buffer=1,
+                         caption_first_prob=1.0, caption_first_prob_late=0.0, caption_first_late_epoch=0.5)
+        flags = torch.cat([b["image_first"] for b in _take(build_loader(stream, batch_size=1), 2 * share)])
+        assert len(flags) >= 2 * share
+        assert not flags[: share // 2].any(), "caption-first before the switch"
+        assert flags[share // 2 : 2 * share].all(), "image-first from half of the reader's first epoch on"
+    assert LoaderSettings(caption_first_prob=0.6).caption_first_prob_at(9.0) == 0.6
+    with pytest.raises(ValueError, match="caption_first_prob_late"):
+        LoaderSettings(caption_first_prob_late=1.5)
+    with pytest.raises(ValueError, match="caption_first_late_epoch"):
+        LoaderSettings(caption_first_prob_late=0.5, caption_first_late_epoch=-1)
+
+
 def _doc_layouts(batch):
     """(BOI right after the tokenizer's BOS, image first) per document, in the order images are numbered in."""
     layouts = []
@@ -157,20 +178,21 @@ def test_truncated_shard_delivers_its_readable_samples_and_counts_the_rest(tmp_p
     assert health[1] == 10 - len(readable)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_reproduces_the_uninterrupted_batches(tmp_path, workers):
+@pytest.mark.parametrize("workers, curriculum", [(0, {}), (2, {}),
+                                               (2, dict(caption_first_prob_late=0.3, caption_first_late_epoch=0.7))])
+def test_resume_reproduces_the_uninterrupted_batches(tmp_path, workers, curriculum):
     shards = make_latent_shards(tmp_path / "s", num_shards=4, per_shard=12)
-    stream = _stream(tmp_path, shards, num_workers=workers)
+    stream = _stream(tmp_path, shards, num_workers=workers, **curriculum)
     full = _take(build_loader(stream, batch_size=2), 14)
 
-    loader = build_loader(_stream(tmp_path, shards, num_workers=workers), batch_size=2)
+    loader = build_loader(_stream(tmp_path, shards, num_workers=workers, **curriculum), batch_size=2)
     it = iter(loader)
     for _ in range(5):
         next(it)
     state = loader.state_dict()
     del it, loader
 
-    resumed = build_loader(_stream(tmp_path, shards, num_workers=workers), batch_size=2)
+    resumed = build_loader(_stream(tmp_path, shards, num_workers=workers, **curriculum), batch_size=2)
     resumed.load_state_dict(state)
     after = _take(resumed, 9)
     for expected, got in zip(full[5:], after, strict=True):
