@@ -58,7 +58,7 @@ def _cmd_precompute_latents(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from megafusion.training.export import export_checkpoint
 
-    print(export_checkpoint(args.run, args.out, args.tag))
+    print(export_checkpoint(args.run, args.out, args.tag, raw_weights=args.raw_weights))
     return 0
 
 
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the run's train.output_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="the last step's weights even when the run kept a weight average (train.ema_decay)")
 
     p = sub.add_parser("checkpoint", help="inspect a run's checkpoints: checkpoint verify RUN_DIR")
     checkpoint = p.add_subparsers(dest="checkpoint_command", required=True)

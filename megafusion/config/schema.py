@@ -184,6 +184,9 @@ class TrainConfig:
     seed: int = 0
     # > 0: torch.profiler around that optimizer step, written to <output_dir>/profile/ (table + Chrome trace).
     profile_step: int = 0
+    # > 0: keep an exponential moving average of the trainable weights with this decay (training/ema.py), saved
+    # in every checkpoint; `megafusion export` writes the average (--raw-weights: the last step's). 0 = off.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.micro_batch_size >= 1, f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")
@@ -201,6 +204,11 @@ class TrainConfig:
         )
         _require(self.peak_tflops >= 0, f"peak_tflops: must be >= 0, got {self.peak_tflops}")
         _require(self.profile_step >= 0, f"profile_step: must be >= 0, got {self.profile_step}")
+        _require(0 <= self.ema_decay < 1, f"ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
+        # ZeRO-3 leaves each rank an empty placeholder per parameter outside its module's forward.
+        _require(not (self.ema_decay > 0 and self.engine == "deepspeed" and self.zero_stage == 3),
+                 "ema_decay: not supported with zero_stage 3 (each rank holds only its shard of the weights); "
+                 "use zero_stage 0-2, or train.engine: torch, whose FSDP2 shards are averaged in place")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from megafusion.model.fusion import LlamaFusion
 from megafusion.model.layout import IMAGE
+from megafusion.training.ema import WeightEMA
 from megafusion.training.flops import count_step_flops, infer_text_needs_input_grad
 from megafusion.training.metrics import MetricsLogger, peak_memory_bytes
 from megafusion.training.run_checkpoints import CheckpointManager
@@ -222,6 +223,16 @@ class ProgressBar(Callback):
 
     def close(self) -> None:
         self.bar.close()
+
+
+class EmaUpdate(Callback):
+    """Moves the weight average after every optimizer step."""
+
+    def __init__(self, ema: WeightEMA) -> None:
+        self.ema = ema
+
+    def on_step_end(self, step: int) -> None:
+        self.ema.update(step)
 
 
 class CheckpointCadence(Callback):

@@ -2,7 +2,8 @@
 
 Layout of <dir>/step-N/: DCP's files (`.metadata` + one `__<rank>_0.distcp` per rank) holding "model" (the
 trainable parameters only: frozen text weights are never written) and "optim" (AdamW state and param groups, keyed
-by parameter name), then `client.pt` (step, base reference, config, layout, stream count, LR scheduler state),
+by parameter name) and, with train.ema_decay > 0, "ema" (the weight average, sharded like the weights), then
+`client.pt` (step, base reference, config, layout, stream count, LR scheduler state),
 `stream<s>.pt` per data stream (loader + RNG state, data_streams.py), and COMPLETE; `latest` as for DeepSpeed
 (run_checkpoints.CheckpointManager: same crash-safe order, same manifest of sizes and sha256 in COMPLETE, same
 fallback to the newest intact checkpoint on resume). DCP stores every tensor by its global shape and
@@ -18,6 +19,15 @@ import torch
 from megafusion.training.run_checkpoints import CheckpointManager
 
 CLIENT_FILE = "client.pt"
+EMA_KEY = "ema"
+
+
+def has_ema(path: Path) -> bool:
+    """Whether the DCP checkpoint at `path` holds a weight average."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith(EMA_KEY + ".") for k in keys)
 
 
 def stream_file(stream: int) -> str:
@@ -51,7 +61,10 @@ class DcpCheckpointManager(CheckpointManager):
         import torch.distributed.checkpoint as dcp
 
         tag, target = self._begin(step)
-        dcp.save(engine.state_dict(), checkpoint_id=str(target))
+        state = engine.state_dict()
+        if self.ema is not None:
+            state[EMA_KEY] = self.ema.state_dict()
+        dcp.save(state, checkpoint_id=str(target))
         if self.writes_streams:
             for stream, state in loader.state_dict().items():
                 torch.save(state, target / stream_file(stream))
@@ -75,8 +88,13 @@ class DcpCheckpointManager(CheckpointManager):
         client = self.read_client(tag)
         self.check_base(tag, client.get("base"))
         state = engine.state_dict()
+        restore_ema = self.ema is not None and has_ema(self.dir / tag)
+        if restore_ema:
+            state[EMA_KEY] = self.ema.state_dict()  # the shadows themselves: DCP loads in place
         dcp.load(state, checkpoint_id=str(self.dir / tag))  # reshards into this layout's DTensors
         engine.load_state_dict(state)
+        if self.ema is not None and not restore_ema:
+            self.ema.restart()
         engine.scheduler.load_state_dict(client["scheduler"])
         loader.load_state_dict({s: torch.load(self.dir / tag / stream_file(s), weights_only=True)
                                 for s in loader.ids})

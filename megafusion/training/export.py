@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from megafusion.config import config_from_dict
 from megafusion.data_pipeline.tokenizer import load_tokenizer
 from megafusion.model.fusion import LlamaFusion
-from megafusion.training.dcp_checkpoints import DcpCheckpointManager, is_dcp_checkpoint
-from megafusion.training.run_checkpoints import CheckpointManager, hash_weights
+from megafusion.training.dcp_checkpoints import EMA_KEY, DcpCheckpointManager, has_ema, is_dcp_checkpoint
+from megafusion.training.run_checkpoints import EMA_FILE, CheckpointManager, hash_weights
 from megafusion.training.run_setup import tokenizer_path
 
 log = logging.getLogger(__name__)
@@ -32,25 +33,29 @@ def _trainable_state(checkpoint_dir: Path, tag: str, zero_stage: int) -> dict[st
     return {k.removeprefix(MODULE_PREFIX): v.float() for k, v in state.items()}
 
 
-def dcp_trainable_state(path: Path, model: LlamaFusion) -> dict[str, torch.Tensor]:
+def dcp_trainable_state(path: Path, model: LlamaFusion, key: str = "model") -> dict[str, torch.Tensor]:
     """The full (unsharded) trainable weights of a torch-engine checkpoint, read in this one process: DCP
-    assembles every tensor from the shards of whatever layout wrote it."""
+    assembles every tensor from the shards of whatever layout wrote it. key: "model" (the weights) or "ema"
+    (their average)."""
     import torch.distributed.checkpoint as dcp
 
-    names = [k.removeprefix(DCP_MODEL_PREFIX) for k in dcp.FileSystemReader(str(path)).read_metadata()
-             .state_dict_metadata if k.startswith(DCP_MODEL_PREFIX)]
+    prefix = key + "."
+    names = [k.removeprefix(prefix) for k in dcp.FileSystemReader(str(path)).read_metadata()
+             .state_dict_metadata if k.startswith(prefix)]
     own = model.state_dict()
     unknown = [n for n in names if n not in own]
     if unknown:
         raise ValueError(f"{path}: tensors {unknown[:3]} are not parameters of the model")
-    state = {"model": {n: torch.empty_like(own[n], dtype=torch.float32) for n in names}}
+    state = {key: {n: torch.empty_like(own[n], dtype=torch.float32) for n in names}}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return state["model"]
+    return state[key]
 
 
-def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
+                      raw_weights: bool = False) -> Path:
     """run_dir: a `train.output_dir` (holding checkpoints/). Exports the newest checkpoint whose files match its
-    manifest (damaged ones are named and skipped); verifies the base weights by hash."""
+    manifest (damaged ones are named and skipped); verifies the base weights by hash. A checkpoint holding a
+    weight average (train.ema_decay) exports the average unless raw_weights."""
     checkpoint_dir = Path(run_dir) / "checkpoints"
     tag = tag or CheckpointManager(checkpoint_dir, 1, {}, 0, 1).resume_tag()  # the newest intact one
     if tag is None:
@@ -66,10 +71,16 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None 
         raise ValueError(f"{checkpoint_dir / tag}: base model {base} is missing or its weights changed since training")
     model = LlamaFusion.from_llama(base, cfg.model.separation, cfg.image, cfg.unet, attention=cfg.model.attention,
                                    routing=cfg.model.routing)
+    averaged = not raw_weights and (has_ema(checkpoint_dir / tag) if torch_engine
+                                    else (checkpoint_dir / tag / EMA_FILE).is_file())
     if torch_engine:
-        trainable = dcp_trainable_state(checkpoint_dir / tag, model)
+        trainable = dcp_trainable_state(checkpoint_dir / tag, model, EMA_KEY if averaged else "model")
+    elif averaged:
+        trainable = load_file(str(checkpoint_dir / tag / EMA_FILE))
     else:
         trainable = _trainable_state(checkpoint_dir, tag, cfg.train.zero_stage)
+    log.warning("%s: exporting %s", checkpoint_dir / tag,
+                f"the weight average (decay {cfg.train.ema_decay})" if averaged else "the last step's weights")
     params = dict(model.named_parameters())
     unknown = [k for k in trainable if k not in params]
     if unknown:

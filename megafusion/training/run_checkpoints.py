@@ -1,7 +1,8 @@
 """Resumable run checkpoints on top of DeepSpeed's (base-model and exported-model files are `megafusion.checkpoint`).
 
 Layout: <dir>/step-00000100/ (DeepSpeed files for the trainable parameters, optimizer and LR scheduler, plus
-rank<r>.pt with that rank's loader state and RNG states, then COMPLETE) and <dir>/latest naming the newest
+rank<r>.pt with that rank's loader state and RNG states, ema.safetensors with the weight average when
+train.ema_decay > 0, then COMPLETE) and <dir>/latest naming the newest
 complete tag. `latest` is replaced atomically only after every rank finished writing and COMPLETE exists, so a
 crash during a save leaves the previous checkpoint as the latest. COMPLETE is a manifest of every file with its
 size and sha256 (checkpoint_manifest.py); a resume checks it and falls back to the newest intact checkpoint.
@@ -28,11 +29,13 @@ import torch.distributed as dist
 from megafusion.common.atomic import remove_stale_tmp, write_text_atomic
 from megafusion.training import checkpoint_manifest as manifest
 from megafusion.training.checkpoint_manifest import INTACT, MARKER, Verdict
+from megafusion.training.ema import WeightEMA
 
 log = logging.getLogger(__name__)
 
 COMPLETE = MARKER
 LATEST = "latest"
+EMA_FILE = "ema.safetensors"
 _TAG = re.compile(r"step-\d+")
 
 
@@ -126,6 +129,10 @@ class CheckpointManager:
         self.dir = Path(directory)
         self.keep_last, self.base_ref, self.rank, self.world = keep_last, base_ref, rank, world
         self.verdicts: dict[str, Verdict] = {}  # what this process found out about a tag (resume checks, saves)
+        self.ema: WeightEMA | None = None  # saved and restored with the run when set (track_ema)
+
+    def track_ema(self, ema: WeightEMA | None) -> None:
+        self.ema = ema
 
     @staticmethod
     def tag(step: int) -> str:
@@ -208,6 +215,10 @@ class CheckpointManager:
                                exclude_frozen_parameters=True)
         torch.save({"loader": loader.state_dict(), "rng": rng_state(generator), "step": step},
                    target / f"rank{self.rank}.pt")
+        if self.ema is not None and self.rank == 0:  # ZeRO 0-2: every rank holds the same full weights
+            from safetensors.torch import save_file
+
+            save_file(self.ema.state_dict(), str(target / EMA_FILE))
         self._finish(tag, step)
         return tag
 
@@ -283,4 +294,19 @@ class CheckpointManager:
         state = restore_loader(loader, self.dir / tag, self.rank, int(client.get("world_size", self.world)))
         if state is not None:
             restore_rng(state["rng"], generator)
+        if self.ema is not None:
+            self.restore_ema(tag)
         return int(client["step"])
+
+    def restore_ema(self, tag: str) -> None:
+        """The weight average from the checkpoint; one saved without (the run was started with train.ema_decay
+        0) starts the average from the weights it resumes."""
+        path = self.dir / tag / EMA_FILE
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(str(path)), source=str(path))
+        else:
+            self.ema.restart()
+            _report(f"{self.dir / tag}: holds no weight average (trained without train.ema_decay); the average "
+                    "starts from the resumed weights")

@@ -23,6 +23,7 @@ from megafusion.training.deepspeed_setup import (
     keep_fp32_clip_norm,
     register_zero3_external_parameters,
 )
+from megafusion.training.ema import WeightEMA
 from megafusion.training.objective import build_objective
 from megafusion.training.optim import build_lr_scheduler, build_optimizer
 from megafusion.training.safe_load import install_safe_loading
@@ -165,6 +166,18 @@ def setup_training(cfg: MegaFusionConfig) -> TrainingSetup:
         register_zero3_external_parameters(model)
     return TrainingSetup(cfg, ctx, rank, world, model, engine, optimizer,
                          TrainStep(engine, cfg.image.tokens_per_image), precision)
+
+
+def build_ema(run: TrainingSetup) -> WeightEMA | None:
+    """The weight average of train.ema_decay over the engine's trainable parameters (None when off)."""
+    decay = run.cfg.train.ema_decay
+    if decay <= 0:
+        return None
+    zero_stage = getattr(run.engine, "zero_optimization_stage", lambda: 0)()
+    if zero_stage == 3:  # set by a train.deepspeed_config JSON (the config check sees only train.zero_stage)
+        raise ValueError("train.ema_decay: not supported under ZeRO stage 3 (train.deepspeed_config sets it); "
+                         "each rank holds only its shard of the weights")
+    return WeightEMA(run.engine.module.model.named_parameters(), decay)
 
 
 def record_training_facts(model: LlamaFusion, cfg: MegaFusionConfig, tok: TextTokenizer, tok_path: Path) -> None:

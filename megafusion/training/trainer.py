@@ -16,6 +16,7 @@ from megafusion.config.schema import MegaFusionConfig
 from megafusion.training.callbacks import (
     CallbackList,
     CheckpointCadence,
+    EmaUpdate,
     NonFiniteGuard,
     ProgressBar,
     StepMetrics,
@@ -24,7 +25,7 @@ from megafusion.training.metrics import MetricsLogger
 from megafusion.training.preemption import PreemptionGuard
 from megafusion.training.profiling import StepProfiler
 from megafusion.training.run_checkpoints import CheckpointManager, hash_weights
-from megafusion.training.run_setup import build_train_loader, check_resume_world, setup_training
+from megafusion.training.run_setup import build_ema, build_train_loader, check_resume_world, setup_training
 from megafusion.training.step import global_normalizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
     if checkpoints is None:
         base_ref = {"path": str(ctx.base.resolve()), "sha256": hash_weights(ctx.base)}
         checkpoints = CheckpointManager(ctx.output_dir / "checkpoints", t.keep_last, base_ref, run.rank, run.world)
+    ema = build_ema(run)
+    checkpoints.track_ema(ema)
     micro_batches = run.micro_batches_per_step or t.grad_accum_steps
     step = 0
     if t.resume and (tag := checkpoints.resume_tag()) is not None:  # the newest intact one
@@ -65,6 +68,8 @@ def train(cfg: MegaFusionConfig, progress: bool = True) -> dict[str, Any]:
         guard,
         metrics,
         ProgressBar(metrics, ctx.max_steps, step, enabled=progress and run.rank == 0),
+        # Before the cadence: a checkpoint holds the average that includes its own step.
+        *([EmaUpdate(ema)] if ema is not None else []),
         cadence,
         # Last: a SIGTERM/SIGUSR1 ends the run after this step's metrics and periodic checkpoint.
         PreemptionGuard(cadence.save, already_saved=cadence.due),

@@ -19,8 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 
+from megafusion.config import load_config
 from megafusion.model import LlamaFusion
+from megafusion.training.run_checkpoints import EMA_FILE
+from megafusion.training.run_setup import prepare_run
 from tests.distributed import REPO, cpu_env, free_port, megafusion_command, run_distributed
 
 pytestmark = pytest.mark.slow
@@ -32,8 +36,29 @@ TIMES: dict[str, float] = {}
 
 
 def _args(out: Path, *extra: str) -> list[str]:
+    # With a weight average: it is sharded like the weights and must match DeepSpeed's too.
     return ["--config", TINY, f"--train.output_dir={out}", f"--train.max_steps={STEPS}",
-            f"--train.save_every={SAVE_AT}", "--train.keep_last=3", *extra]
+            f"--train.save_every={SAVE_AT}", "--train.keep_last=3", "--train.ema_decay=0.9", *extra]
+
+
+def _dcp_state(run: Path, key: str = "ema", step: int = STEPS) -> dict[str, torch.Tensor]:
+    """A torch-engine checkpoint's full weights ("model") or weight average ("ema"), read in this process."""
+    from megafusion.training.export import dcp_trainable_state
+
+    cfg = load_config(TINY)
+    model = LlamaFusion.from_llama(prepare_run(cfg).base, cfg.model.separation, cfg.image, cfg.unet)
+    return dcp_trainable_state(run / "checkpoints" / f"step-{step:08d}", model, key)
+
+
+def _deepspeed_average(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / EMA_FILE))
+
+
+def _assert_averages_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == ref.keys()
+    for name, value in ref.items():
+        # atol: the engines' last weights themselves differ by up to 3e-6 (fp32 reordering in the U-Net convs).
+        torch.testing.assert_close(ours[name], value, rtol=RTOL, atol=1e-5, msg=name)
 
 
 def _timed(name: str, fn, *args, **kwargs):
@@ -118,12 +143,26 @@ def test_dp2_tp2_checkpoint_resumes_on_another_layout(runs, tmp_path, world):
     assert sorted(resumed) == list(range(SAVE_AT + 1, STEPS + 1))
     worst = _assert_losses_close(resumed, uninterrupted, range(SAVE_AT + 1, STEPS + 1))
     print(f"resume at world {world}: steps 5-6 vs uninterrupted dp2 x tp2: worst relative difference {worst:.1e}")
+    _assert_averages_close(_dcp_state(stopped), _dcp_state(runs["dp2tp2"]))
+
+
+def test_weight_average_equals_deepspeeds_and_is_what_export_writes(runs, tmp_path):
+    for torch_run, deepspeed_run in (("tp2", "ds1"), ("dp2tp2", "ds2")):
+        _assert_averages_close(_dcp_state(runs[torch_run]), _deepspeed_average(runs[deepspeed_run]))
+    _run_cli(["export", "--run", str(runs["dp2tp2"]), "--out", str(tmp_path / "averaged")])
+    params = dict(LlamaFusion.from_pretrained(tmp_path / "averaged").named_parameters())
+    average = _deepspeed_average(runs["ds2"])
+    _assert_averages_close({n: params[n].detach() for n in average}, average)
+    raw = _dcp_state(runs["dp2tp2"], "model")
+    assert any(not torch.allclose(average[n], raw[n]) for n in average), "the average equals the last weights"
+
 
 
 def test_export_of_a_torch_checkpoint_gives_the_trained_model(runs, tmp_path):
     from tests.training.torch_engine_worker import fixed_batch, outputs
 
-    _timed("export", _run_cli, ["export", "--run", str(runs["tp2"]), "--out", str(tmp_path / "fused")])
+    _timed("export", _run_cli, ["export", "--run", str(runs["tp2"]), "--out", str(tmp_path / "fused"),
+                                "--raw-weights"])
     model = LlamaFusion.from_pretrained(tmp_path / "fused")
     trained = torch.load(str(runs["tp2_result"]) + ".pt", weights_only=True)
     exported = outputs(model, fixed_batch(model))

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megafusion.config import load_config
 from megafusion.model import LlamaFusion
-from megafusion.training.run_checkpoints import CheckpointManager
+from megafusion.training.run_checkpoints import EMA_FILE, CheckpointManager
 from megafusion.training.run_setup import prepare_run
 from tests.distributed import REPO, cpu_env, megafusion_command, run_distributed
 
@@ -23,8 +24,9 @@ TINY = "configs/tiny-cpu.yaml"
 
 
 def _train_args(out: Path, *extra: str) -> list[str]:
+    # With a weight average, so every resume below also checks that the average continues exactly.
     return ["train", "--config", TINY, f"--train.output_dir={out}", "--train.max_steps=12", "--train.save_every=4",
-            "--train.keep_last=3", "--no-progress", *extra]
+            "--train.keep_last=3", "--train.ema_decay=0.9", "--no-progress", *extra]
 
 
 def _run(args: list[str], script: str | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -36,6 +38,14 @@ def _losses(out: Path) -> dict[int, float]:
     """Loss per step; a resumed run re-logs the steps after its checkpoint, the last record of a step wins."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records}
+
+
+def _uninterrupted_dir(tmp_path_factory) -> Path:
+    return next(p for p in tmp_path_factory.getbasetemp().iterdir() if p.name.startswith("uninterrupted"))
+
+
+def _average(run: Path, step: int = 12) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / EMA_FILE))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +77,7 @@ def test_zero_two_processes_match_one_process(tmp_path, zero):
     assert results[1]["text_unchanged"] and results[2]["text_unchanged"]
 
 
-def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, uninterrupted):
+def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, uninterrupted, tmp_path_factory):
     out = tmp_path / "killed"
     proc = subprocess.Popen(megafusion_command(_train_args(out)), cwd=REPO, env=cpu_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -87,6 +97,10 @@ def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, uninterrupte
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     assert _losses(out) == uninterrupted  # bitwise: fp32 on CPU, same data, RNG and optimizer state
+    reference = _average(_uninterrupted_dir(tmp_path_factory))
+    resumed_average = _average(out)
+    assert resumed_average.keys() == reference.keys()
+    assert all(torch.equal(resumed_average[k], reference[k]) for k in reference), "the weight average diverged"
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, uninterrupted):
@@ -109,7 +123,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, unint
 
 def test_text_parameters_bitwise_unchanged_and_image_set_trained(uninterrupted, tmp_path_factory):
     # The module-scoped run above trained with lr_text = 0; its checkpoints hold only trainable parameters.
-    out = next(p for p in tmp_path_factory.getbasetemp().iterdir() if p.name.startswith("uninterrupted"))
+    out = _uninterrupted_dir(tmp_path_factory)
     states = torch.load(out / "checkpoints" / "step-00000012" / "mp_rank_00_model_states.pt", weights_only=True)
     saved = states["module"]
     assert saved and all(LlamaFusion.parameter_group(k.removeprefix("model.")) == "image" for k in saved)
@@ -149,18 +163,25 @@ def test_latent_shape_mismatch_is_caught_before_the_model_is_built():
 
 
 def test_export_consolidates_checkpoint_and_base(uninterrupted, tmp_path_factory, tmp_path):
-    run = next(p for p in tmp_path_factory.getbasetemp().iterdir() if p.name.startswith("uninterrupted"))
-    proc = _run(["export", "--run", str(run), "--out", str(tmp_path / "fused")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    model = LlamaFusion.from_pretrained(tmp_path / "fused")
+    run = _uninterrupted_dir(tmp_path_factory)
     saved = torch.load(run / "checkpoints" / "step-00000012" / "mp_rank_00_model_states.pt", weights_only=True)
-    params = dict(model.named_parameters())
-    for name, value in saved["module"].items():
-        assert torch.equal(params[name.removeprefix("model.")], value.float()), name
+    raw = {k.removeprefix("model."): v.float() for k, v in saved["module"].items()}
+    average = _average(run)
+    assert average.keys() == raw.keys()
+    assert any(not torch.equal(average[k], raw[k]) for k in raw), "the average equals the last step's weights"
     base = LlamaFusion.from_llama(prepare_run(load_config(TINY)).base)
     base_params = dict(base.named_parameters())
-    for name, _ in model.grouped_parameters()["text"]:
-        assert torch.equal(params[name], base_params[name]), name
+    # Default: the run kept a weight average, so that is what is exported; --raw-weights: the last step's.
+    for flags, expected in (([], average), (["--raw-weights"], raw)):
+        out = tmp_path / ("fused" + "".join(flags))
+        proc = _run(["export", "--run", str(run), "--out", str(out), *flags])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        model = LlamaFusion.from_pretrained(out)
+        params = dict(model.named_parameters())
+        for name, value in expected.items():
+            assert torch.equal(params[name], value), (flags, name)
+        for name, _ in model.grouped_parameters()["text"]:
+            assert torch.equal(params[name], base_params[name]), name
 
 
 def test_first_metrics_record_carries_the_precision_choice_and_step_2_is_profiled(tmp_path):
@@ -228,7 +249,8 @@ def test_resume_refuses_a_checkpoint_that_carries_a_pickled_callable(tmp_path):
     assert not marker.exists(), "the pickled callable ran"
 
 
-def test_preemption_signal_saves_exits_for_requeue_and_the_rerun_continues_bitwise(tmp_path, uninterrupted):
+def test_preemption_signal_saves_exits_for_requeue_and_the_rerun_continues_bitwise(tmp_path, uninterrupted,
+                                                                                   tmp_path_factory):
     """SIGUSR1 is what `#SBATCH --signal=USR1@120` sends; SIGTERM takes the same path (test_preemption.py)."""
     sig = signal.SIGUSR1
     from megafusion.training.preemption import PREEMPTED_EXIT_CODE
@@ -255,3 +277,5 @@ def test_preemption_signal_saves_exits_for_requeue_and_the_rerun_continues_bitwi
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 13))
     assert all(losses[s] == uninterrupted[s] for s in range(stopped + 1, 13)), "resumed run diverged"
+    reference, resumed_average = _average(_uninterrupted_dir(tmp_path_factory)), _average(out)
+    assert all(torch.equal(resumed_average[k], reference[k]) for k in reference), "the weight average diverged"
