@@ -131,6 +131,11 @@ def _targets(results: dict, wall: float, dataset: str) -> dict:
     return out
 
 
+def _weights_note(train_config: dict) -> str:
+    decay = train_config.get("ema_decay", 0.0)
+    return f", evaluated with the moving average of its weights (train.ema_decay {decay})" if decay > 0 else ""
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "n/a"
@@ -167,7 +172,8 @@ def _markdown(report: dict) -> str:
         f"# megafusion demo: {ctx['dataset']}",
         "",
         f"LlamaFusion on `{ctx['base']}` ({report['config']['model']['separation']} separation, "
-        f"lr_text = {report['config']['optim']['lr_text']}), trained on CPU for {train.get('steps', 'n/a')} steps. "
+        f"lr_text = {report['config']['optim']['lr_text']}), trained on CPU for {train.get('steps', 'n/a')} steps"
+        f"{_weights_note(report['config']['train'])}. "
         f"Wall time of this run: {ctx['wall_seconds'] / 60:.1f} min ({ctx.get('torch_threads')} torch thread(s); "
         f"1-minute load average at start {ctx.get('load_average_at_start')}).",
         "",
