@@ -157,7 +157,6 @@ def test_weight_average_equals_deepspeeds_and_is_what_export_writes(runs, tmp_pa
     assert any(not torch.allclose(average[n], raw[n]) for n in average), "the average equals the last weights"
 
 
-
 def test_export_of_a_torch_checkpoint_gives_the_trained_model(runs, tmp_path):
     from tests.training.torch_engine_worker import fixed_batch, outputs
 
