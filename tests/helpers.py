@@ -75,3 +75,12 @@ def mixed_batch(vocab: int, image: ImageConfig, seed: int = 0) -> dict[str, torc
     modality = torch.tensor(mods)
     images = torch.randn(2, image.latent_channels, image.latent_size, image.latent_size, generator=g)
     return {"input_ids": input_ids, "modality": modality, "images": images, "timesteps": torch.tensor([10, 700])}
+
+
+def deepspeed_average(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """The weight average (train.ema_decay) a DeepSpeed run saved with its step-`step` checkpoint."""
+    from safetensors.torch import load_file
+
+    from megafusion.training.run_checkpoints import EMA_FILE
+
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / EMA_FILE))

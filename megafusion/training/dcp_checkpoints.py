@@ -94,7 +94,7 @@ class DcpCheckpointManager(CheckpointManager):
         dcp.load(state, checkpoint_id=str(self.dir / tag))  # reshards into this layout's DTensors
         engine.load_state_dict(state)
         if self.ema is not None and not restore_ema:
-            self.ema.restart()
+            self.restart_ema(tag)
         engine.scheduler.load_state_dict(client["scheduler"])
         loader.load_state_dict({s: torch.load(self.dir / tag / stream_file(s), weights_only=True)
                                 for s in loader.ids})

@@ -307,6 +307,10 @@ class CheckpointManager:
 
             self.ema.load_state_dict(load_file(str(path)), source=str(path))
         else:
-            self.ema.restart()
-            _report(f"{self.dir / tag}: holds no weight average (trained without train.ema_decay); the average "
-                    "starts from the resumed weights")
+            self.restart_ema(tag)
+
+    def restart_ema(self, tag: str) -> None:
+        """The checkpoint `tag` holds no average: start it from the weights just resumed, and say so."""
+        self.ema.restart()
+        _report(f"{self.dir / tag}: holds no weight average (trained without train.ema_decay); the average "
+                "starts from the resumed weights")

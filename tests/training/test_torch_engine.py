@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
 
 from megafusion.config import load_config
 from megafusion.model import LlamaFusion
-from megafusion.training.run_checkpoints import EMA_FILE
 from megafusion.training.run_setup import prepare_run
 from tests.distributed import REPO, cpu_env, free_port, megafusion_command, run_distributed
+from tests.helpers import deepspeed_average
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +48,6 @@ def _dcp_state(run: Path, key: str = "ema", step: int = STEPS) -> dict[str, torc
     model = LlamaFusion.from_llama(prepare_run(cfg).base, cfg.model.separation, cfg.image, cfg.unet)
     return dcp_trainable_state(run / "checkpoints" / f"step-{step:08d}", model, key)
 
-
-def _deepspeed_average(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / EMA_FILE))
 
 
 def _assert_averages_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
@@ -148,10 +144,10 @@ def test_dp2_tp2_checkpoint_resumes_on_another_layout(runs, tmp_path, world):
 
 def test_weight_average_equals_deepspeeds_and_is_what_export_writes(runs, tmp_path):
     for torch_run, deepspeed_run in (("tp2", "ds1"), ("dp2tp2", "ds2")):
-        _assert_averages_close(_dcp_state(runs[torch_run]), _deepspeed_average(runs[deepspeed_run]))
+        _assert_averages_close(_dcp_state(runs[torch_run]), deepspeed_average(runs[deepspeed_run], STEPS))
     _run_cli(["export", "--run", str(runs["dp2tp2"]), "--out", str(tmp_path / "averaged")])
     params = dict(LlamaFusion.from_pretrained(tmp_path / "averaged").named_parameters())
-    average = _deepspeed_average(runs["ds2"])
+    average = deepspeed_average(runs["ds2"], STEPS)
     _assert_averages_close({n: params[n].detach() for n in average}, average)
     raw = _dcp_state(runs["dp2tp2"], "model")
     assert any(not torch.allclose(average[n], raw[n]) for n in average), "the average equals the last weights"

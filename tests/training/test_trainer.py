@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megafusion.config import load_config
 from megafusion.model import LlamaFusion
-from megafusion.training.run_checkpoints import EMA_FILE, CheckpointManager
+from megafusion.training.run_checkpoints import CheckpointManager
 from megafusion.training.run_setup import prepare_run
 from tests.distributed import REPO, cpu_env, megafusion_command, run_distributed
+from tests.helpers import deepspeed_average
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,6 @@ def _losses(out: Path) -> dict[int, float]:
 def _uninterrupted_dir(tmp_path_factory) -> Path:
     return next(p for p in tmp_path_factory.getbasetemp().iterdir() if p.name.startswith("uninterrupted"))
 
-
-def _average(run: Path, step: int = 12) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / EMA_FILE))
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +94,8 @@ def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, uninterrupte
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     assert _losses(out) == uninterrupted  # bitwise: fp32 on CPU, same data, RNG and optimizer state
-    reference = _average(_uninterrupted_dir(tmp_path_factory))
-    resumed_average = _average(out)
+    reference = deepspeed_average(_uninterrupted_dir(tmp_path_factory), 12)
+    resumed_average = deepspeed_average(out, 12)
     assert resumed_average.keys() == reference.keys()
     assert all(torch.equal(resumed_average[k], reference[k]) for k in reference), "the weight average diverged"
 
@@ -166,7 +163,7 @@ def test_export_consolidates_checkpoint_and_base(uninterrupted, tmp_path_factory
     run = _uninterrupted_dir(tmp_path_factory)
     saved = torch.load(run / "checkpoints" / "step-00000012" / "mp_rank_00_model_states.pt", weights_only=True)
     raw = {k.removeprefix("model."): v.float() for k, v in saved["module"].items()}
-    average = _average(run)
+    average = deepspeed_average(run, 12)
     assert average.keys() == raw.keys()
     assert any(not torch.equal(average[k], raw[k]) for k in raw), "the average equals the last step's weights"
     base = LlamaFusion.from_llama(prepare_run(load_config(TINY)).base)
@@ -277,5 +274,6 @@ def test_preemption_signal_saves_exits_for_requeue_and_the_rerun_continues_bitwi
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 13))
     assert all(losses[s] == uninterrupted[s] for s in range(stopped + 1, 13)), "resumed run diverged"
-    reference, resumed_average = _average(_uninterrupted_dir(tmp_path_factory)), _average(out)
+    reference = deepspeed_average(_uninterrupted_dir(tmp_path_factory), 12)
+    resumed_average = deepspeed_average(out, 12)
     assert all(torch.equal(resumed_average[k], reference[k]) for k in reference), "the weight average diverged"
