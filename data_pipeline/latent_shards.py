@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from megafusion.common.atomic import write_json_atomic
+from megafusion.data_pipeline.augment import AffineJitter, with_augmented_copies
 from megafusion.data_pipeline.shard_format import INDEX_NAME, shard_name, write_shard_file
 from megafusion.data_pipeline.sources import RawSample, SkipLog, center_crop_resize, image_to_tensor, iter_source
 from megafusion.data_pipeline.vae import load_vae, vae_identity
@@ -43,8 +44,9 @@ class LatentShardWriter:
     """Encodes images with a frozen VAE and writes one shard (tar + sidecar) atomically."""
 
     def __init__(self, vae_dir: str | Path, resolution: int, sample_posterior: bool = False,
-                 batch_size: int = 16, seed: int = 0) -> None:
+                 batch_size: int = 16, seed: int = 0, augment: dict | None = None) -> None:
         self.vae = load_vae(vae_dir)
+        self.augment = augment  # recorded in each sidecar: which augmentation made the shard's copies
         self.scaling = float(self.vae.config.scaling_factor)
         self.resolution, self.sample_posterior = resolution, sample_posterior
         self.batch_size, self.seed = batch_size, seed
@@ -87,13 +89,20 @@ class LatentShardWriter:
 
         count = write_shard_file(path, items())
         sidecar = {"shard": path.name, "count": count, "latent_shape": shape, "skipped": skips.entries,
-                   "source_keys": [s.key for s in samples]}
+                   "source_keys": [s.key for s in samples], "augment": self.augment}
         write_json_atomic(path.with_suffix(SIDECAR_SUFFIX), sidecar)
         return sidecar
 
 
-def _is_complete(shard: Path) -> bool:
-    return shard.is_file() and shard.with_suffix(SIDECAR_SUFFIX).is_file()
+def _is_complete(shard: Path, augment: dict | None = None) -> bool:
+    sidecar = shard.with_suffix(SIDECAR_SUFFIX)
+    if not (shard.is_file() and sidecar.is_file()):
+        return False
+    found = json.loads(sidecar.read_text()).get("augment")
+    if found != augment:
+        raise ValueError(f"{shard}: written with augmentation {found}, this run asks for {augment}; "
+                         "use another --out or delete the shards")
+    return True
 
 
 def precompute_latents(
@@ -109,7 +118,10 @@ def precompute_latents(
     split: str = "train",
     seed: int = 0,
     progress: bool = True,
+    augment: AffineJitter | None = None,
 ) -> PrecomputeSummary:
+    """`augment` adds transformed copies of every image (data_pipeline.augment); shards already written with
+    other augmentation settings are an error rather than mixed in."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     start = time.monotonic()
@@ -119,12 +131,14 @@ def precompute_latents(
     samples = list(iter_source(source, source_skips, split=split, resolution=resolution))
     if not samples:
         raise ValueError(f"{source}: no samples found (skipped: {source_skips.entries[:5]})")
+    jitter = augment or AffineJitter()
+    samples = with_augmented_copies(samples, jitter)
     write_json_atomic(out / SOURCE_SKIPS_NAME, {"skipped": source_skips.entries})
     chunks = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     mine = [k for k in range(len(chunks)) if k % world_size == rank]
-    todo = [k for k in mine if not _is_complete(out / shard_name(k))]
+    todo = [k for k in mine if not _is_complete(out / shard_name(k), jitter.record())]
 
-    writer = LatentShardWriter(vae_dir, resolution, sample_posterior, batch_size, seed)
+    writer = LatentShardWriter(vae_dir, resolution, sample_posterior, batch_size, seed, jitter.record())
     written = skipped = 0
     bar = tqdm(total=sum(len(chunks[k]) for k in todo), unit="img", desc=f"latents rank {rank}",
                disable=not progress)
@@ -134,16 +148,17 @@ def precompute_latents(
         skipped += len(sidecar["skipped"])
     bar.close()
 
-    index_written = _write_index_if_complete(out, len(chunks), vae_dir, resolution, sample_posterior, source, split)
+    index_written = _write_index_if_complete(out, len(chunks), vae_dir, resolution, sample_posterior, source, split,
+                                             jitter.record())
     return PrecomputeSummary(len(todo), len(mine) - len(todo), written, skipped, time.monotonic() - start,
                              index_written)
 
 
 def _write_index_if_complete(out: Path, num_shards: int, vae_dir: str | Path, resolution: int,
-                             sample_posterior: bool, source: str, split: str) -> bool:
+                             sample_posterior: bool, source: str, split: str, augment: dict | None) -> bool:
     """Whichever rank finishes last sees every sidecar and writes index.json."""
     shards = [out / shard_name(k) for k in range(num_shards)]
-    if not all(_is_complete(s) for s in shards):
+    if not all(_is_complete(s, augment) for s in shards):
         return False
     sidecars = [json.loads(s.with_suffix(SIDECAR_SUFFIX).read_text()) for s in shards]
     shapes = {tuple(c["latent_shape"]) for c in sidecars if c["latent_shape"]}
@@ -165,6 +180,7 @@ def _write_index_if_complete(out: Path, num_shards: int, vae_dir: str | Path, re
         "resolution": resolution,
         "source": source,
         "split": split,
+        "augment": augment,
         "vae": vae_identity(vae_dir),
         "num_skipped": len(skipped),
         "skipped": skipped,

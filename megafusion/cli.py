@@ -39,14 +39,16 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 def _cmd_precompute_latents(args: argparse.Namespace) -> int:
     import os
 
+    from megafusion.data_pipeline.augment import AffineJitter
     from megafusion.data_pipeline.latent_shards import precompute_latents
 
+    augment = AffineJitter(args.augment_copies, args.augment_rotate, args.augment_scale, args.augment_shift)
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     summary = precompute_latents(
         args.vae, args.source, args.out, resolution=args.resolution, batch_size=args.batch_size,
         shard_size=args.shard_size, rank=rank, world_size=world, sample_posterior=args.sample_posterior,
-        split=args.split, seed=args.seed,
+        split=args.split, seed=args.seed, augment=augment,
     )
     rate = summary.samples_written / summary.seconds if summary.seconds else 0.0
     print(f"rank {rank}/{world}: wrote {summary.shards_written} shards ({summary.samples_written} samples, "
@@ -140,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=None, help="this worker's rank (default: $RANK or 0)")
     p.add_argument("--world-size", type=int, default=None, help="number of workers (default: $WORLD_SIZE or 1)")
+    p.add_argument("--augment-copies", type=int, default=0,
+                   help="extra copies of every image under a random affine (centred objects on black only)")
+    p.add_argument("--augment-rotate", type=float, default=10.0, help="max rotation of a copy, degrees")
+    p.add_argument("--augment-scale", type=float, default=0.1, help="max relative scale change of a copy")
+    p.add_argument("--augment-shift", type=float, default=0.0625, help="max shift of a copy, fraction of the side")
 
     p = sub.add_parser("export", help="consolidate a training checkpoint into a LlamaFusion directory")
     p.add_argument("--run", required=True, help="the run's train.output_dir")

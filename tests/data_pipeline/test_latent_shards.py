@@ -85,3 +85,35 @@ def test_cli(tmp_path, tiny_vae, capsys):
     assert json.loads((tmp_path / "o" / "index.json").read_text())["num_samples"] == 3
     assert main(["precompute-latents", "--vae", str(tmp_path / "nope"), "--source", str(src), "--out",
                  str(tmp_path / "o2")]) == 2
+    assert main(["precompute-latents", "--vae", str(tiny_vae), "--source", str(src), "--out", str(tmp_path / "o3"),
+                 "--resolution", "16", "--augment-copies", "1", "--augment-rotate", "7"]) == 0
+    index = json.loads((tmp_path / "o3" / "index.json").read_text())
+    assert index["num_samples"] == 6 and index["augment"]["rotate_deg"] == 7.0
+    assert main(["precompute-latents", "--vae", str(tiny_vae), "--source", str(src), "--out", str(tmp_path / "o4"),
+                 "--augment-scale", "1.5", "--augment-copies", "1"]) == 2  # checked before any work
+    assert "scale: must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_augmented_copies_are_encoded_and_recorded(tmp_path, tiny_vae):
+    from megafusion.data_pipeline.augment import AffineJitter
+    from megafusion.data_pipeline.sources import center_crop_resize, image_to_tensor
+
+    src, out = _folder(tmp_path / "src", 3), tmp_path / "out"
+    jitter = AffineJitter(copies=2, rotate_deg=20.0)
+    summary = precompute_latents(tiny_vae, str(src), out, resolution=16, batch_size=4, shard_size=4, progress=False,
+                                 augment=jitter)
+    assert summary.samples_written == 9
+    index = read_index(out)
+    assert index["num_samples"] == 9 and index["augment"] == jitter.record()
+    records = [r for k in range(3) for r in read_shard(out / f"shard-{k:06d}.tar", lambda *a: None)]
+    assert [r.caption for r in records] == ["caption 0", "caption 1", "caption 2"] * 3
+    # A copy's latent is the VAE's encoding of the transformed image (the copy's key draws the transform).
+    copy = next(r for r in records if r.key.endswith("img01-aug2"))
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    image = jitter.transform(Image.open(src / "img01.png").convert("RGB"), copy.key)
+    with torch.no_grad():
+        want = vae.encode(image_to_tensor(center_crop_resize(image, 16))[None]).latent_dist.mode()[0] * 0.5
+    torch.testing.assert_close(copy.latent.float(), want, atol=2e-3, rtol=1e-2)
+    # Shards written with other settings are never mixed into a rerun.
+    with pytest.raises(ValueError, match=r"shard-000000.tar: written with augmentation"):
+        precompute_latents(tiny_vae, str(src), out, resolution=16, batch_size=4, shard_size=4, progress=False)
