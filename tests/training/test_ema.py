@@ -88,3 +88,19 @@ def test_zero3_with_an_average_is_refused_before_any_work():
     with pytest.raises(ConfigError, match="train.ema_decay': not supported with zero_stage 3"):
         load_config("configs/tiny-cpu.yaml", ["--train.ema_decay=0.99", "--train.zero_stage=3"])
     load_config("configs/tiny-cpu.yaml", ["--train.ema_decay=0.99", "--train.zero_stage=3", "--train.engine=torch"])
+
+
+def test_a_checkpoint_without_an_average_restarts_it_from_the_resumed_weights(tmp_path, caplog):
+    from megafusion.training.run_checkpoints import CheckpointManager
+
+    model = nn.Linear(3, 2)
+    ema = WeightEMA(model.named_parameters(), 0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the resumed weights differ from where the average stood
+    manager = CheckpointManager(tmp_path, 1, {}, 0, 1)
+    manager.track_ema(ema)
+    (tmp_path / "step-00000004").mkdir()  # saved by a run without train.ema_decay: no ema.safetensors
+    with caplog.at_level("WARNING"):
+        manager.restore_ema("step-00000004")
+    assert torch.equal(ema.state_dict()["weight"], model.weight.detach())
+    assert "step-00000004: holds no weight average" in caplog.text
