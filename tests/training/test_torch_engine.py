@@ -49,7 +49,6 @@ def _dcp_state(run: Path, key: str = "ema", step: int = STEPS) -> dict[str, torc
     return dcp_trainable_state(run / "checkpoints" / f"step-{step:08d}", model, key)
 
 
-
 def _assert_averages_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
     assert ours.keys() == ref.keys()
     for name, value in ref.items():

@@ -44,7 +44,6 @@ def _uninterrupted_dir(tmp_path_factory) -> Path:
     return next(p for p in tmp_path_factory.getbasetemp().iterdir() if p.name.startswith("uninterrupted"))
 
 
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[int, float]:
     out = tmp_path_factory.mktemp("uninterrupted")
