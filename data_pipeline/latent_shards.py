@@ -94,7 +94,7 @@ class LatentShardWriter:
         return sidecar
 
 
-def _is_complete(shard: Path, augment: dict | None = None) -> bool:
+def _is_complete(shard: Path, augment: dict | None) -> bool:
     sidecar = shard.with_suffix(SIDECAR_SUFFIX)
     if not (shard.is_file() and sidecar.is_file()):
         return False
@@ -133,12 +133,13 @@ def precompute_latents(
         raise ValueError(f"{source}: no samples found (skipped: {source_skips.entries[:5]})")
     jitter = augment or AffineJitter()
     samples = with_augmented_copies(samples, jitter)
+    recorded = jitter.record()  # what every sidecar and the index say about the copies
     write_json_atomic(out / SOURCE_SKIPS_NAME, {"skipped": source_skips.entries})
     chunks = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     mine = [k for k in range(len(chunks)) if k % world_size == rank]
-    todo = [k for k in mine if not _is_complete(out / shard_name(k), jitter.record())]
+    todo = [k for k in mine if not _is_complete(out / shard_name(k), recorded)]
 
-    writer = LatentShardWriter(vae_dir, resolution, sample_posterior, batch_size, seed, jitter.record())
+    writer = LatentShardWriter(vae_dir, resolution, sample_posterior, batch_size, seed, recorded)
     written = skipped = 0
     bar = tqdm(total=sum(len(chunks[k]) for k in todo), unit="img", desc=f"latents rank {rank}",
                disable=not progress)
@@ -149,7 +150,7 @@ def precompute_latents(
     bar.close()
 
     index_written = _write_index_if_complete(out, len(chunks), vae_dir, resolution, sample_posterior, source, split,
-                                             jitter.record())
+                                             recorded)
     return PrecomputeSummary(len(todo), len(mine) - len(todo), written, skipped, time.monotonic() - start,
                              index_written)
 
