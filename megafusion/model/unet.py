@@ -40,6 +40,10 @@ class UNetDown(nn.Module):
         self.conv_in = nn.Conv2d(image.latent_channels, unet.channels, 3, padding=1)
         self.blocks = nn.ModuleList(_res_block(unet.channels, unet.channels, unet) for _ in range(unet.num_blocks))
         self.to_tokens = nn.Conv2d(unet.channels, hidden_size, image.patch_size, stride=image.patch_size)
+        if unet.token_init_scale != 1.0:
+            with torch.no_grad():
+                self.to_tokens.weight.mul_(unet.token_init_scale)
+                self.to_tokens.bias.mul_(unet.token_init_scale)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         expected = (self.image.latent_channels, self.image.latent_size, self.image.latent_size)

@@ -53,6 +53,7 @@ def test_unknown_section(tmp_path):
         ("optim:\n  lr_image: -1\n", "optim.lr_image"),
         ("image:\n  latent_size: 30\n  patch_size: 4\n", "image.patch_size"),
         ("unet:\n  channels: 48\n  norm_groups: 32\n", "unet.norm_groups"),
+        ("unet:\n  token_init_scale: 0\n", "unet.token_init_scale"),
         ("diffusion:\n  image_first_max_timestep: 1000\n", "diffusion.image_first_max_timestep"),
         ("diffusion:\n  timestep_sampling: lognormal\n", "diffusion.timestep_sampling"),
         ("diffusion:\n  logit_std: 0\n", "diffusion.logit_std"),

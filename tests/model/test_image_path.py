@@ -130,3 +130,32 @@ def test_without_the_unet_skip_every_image_passes_through_its_tokens(tmp_path):
     assert not torch.allclose(preds[0], preds[1]), "the caption must reach the noise prediction"
     model.save_pretrained(tmp_path / "saved")
     assert LlamaFusion.from_pretrained(tmp_path / "saved").unet_config.skip is False
+
+
+def test_token_init_scale_scales_the_initial_image_tokens(tmp_path):
+    """unet.token_init_scale multiplies the token projection's initial weight and bias: the image tokens of a
+    latent are that multiple of the default-initialised ones (same seed), the rest of the U-Net is unchanged,
+    and the setting round-trips through save/load."""
+    from dataclasses import replace
+
+    from megafusion.model.unet import UNetDown
+
+    hidden = 24
+    latents = torch.randn(3, TINY_IMAGE.latent_channels, TINY_IMAGE.latent_size, TINY_IMAGE.latent_size)
+    t = torch.tensor([0, 300, 999])
+    torch.manual_seed(0)
+    default = UNetDown(TINY_IMAGE, TINY_UNET, hidden)
+    torch.manual_seed(0)
+    scaled = UNetDown(TINY_IMAGE, replace(TINY_UNET, token_init_scale=0.3), hidden)
+    with torch.no_grad():
+        tokens, skip = default(latents, t)
+        tokens_scaled, skip_scaled = scaled(latents, t)
+    torch.testing.assert_close(tokens_scaled, 0.3 * tokens)
+    torch.testing.assert_close(skip_scaled, skip, rtol=0, atol=0)
+    assert tokens_scaled.norm() < 0.5 * tokens.norm()  # the scale took effect, not a no-op on both
+
+    save_tiny_llama(tmp_path / "base", "gqa-untied")
+    model = LlamaFusion.from_llama(tmp_path / "base", separation="deep", image=TINY_IMAGE,
+                                   unet=replace(TINY_UNET, token_init_scale=0.3))
+    model.save_pretrained(tmp_path / "saved")
+    assert LlamaFusion.from_pretrained(tmp_path / "saved").unet_config.token_init_scale == 0.3
