@@ -101,7 +101,9 @@ class FusionStage(nn.Module):
         # Every received activation gets a gradient (zeros where unused: the skip rows of padding, a micro-batch
         # without images), so each micro-batch sends the same tensors back as the inferred metadata says.
         if not self.first:
-            sums = sums + 0.0 * (h_in.sum() + skip.sum())
+            # (x * 0.0).sum(), not 0.0 * x.sum(): the latter's gradient is an expanded (stride-0) tensor, which the
+            # send of an otherwise unused input (the skip of a U-Net without one) refuses as non-contiguous.
+            sums = sums + (h_in * 0.0).sum() + (skip * 0.0).sum()
         return sums
 
     def _first(self, input_ids: torch.Tensor, images: torch.Tensor, timesteps: torch.Tensor,

@@ -177,9 +177,6 @@ def pipeline_plan(cfg: MegaFusionConfig, arch: LlamaArch, world_size: int) -> Pi
         # summed and both copies stepped alike, which nothing here does.
         raise ValueError(f"parallel.pp ({p.pp}) with a tied-embedding base needs optim.lr_text: 0 (got "
                          f"{cfg.optim.lr_text}): the first and last stages each keep a frozen copy of the table")
-    if p.pp > 1 and not cfg.unet.skip:
-        # The stages carry the U-Net skip as a fixed-shape activation; unused, it would get no gradient to send.
-        raise ValueError(f"parallel.pp ({p.pp}) needs unet.skip: true (got false)")
     if p.pp > 1 and cfg.model.routing != "index":
         raise ValueError(f"model.routing: {cfg.model.routing} is not supported with parallel.pp ({p.pp}) > 1; use "
                          "model.routing: index")

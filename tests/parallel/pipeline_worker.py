@@ -7,6 +7,7 @@ weights bitwise. Micro-batches differ in image count (0-4) and text-token count.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -66,13 +67,15 @@ def counts(batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
 
 
 def run_case(spec: str) -> dict:
-    """pp,replicate,shard,tp:schedule:microbatches:base[:ac]"""
+    """pp,replicate,shard,tp:schedule:microbatches:base[:ac][:noskip]"""
     start = time.perf_counter()
     layout_s, schedule, m, base, *flags = spec.split(":")
     pp, r, s, t = (int(x) for x in layout_s.split(","))
     m = int(m)
     torch.manual_seed(0)
-    reference = LlamaFusion.from_llama(base, "deep", TINY_IMAGE, TINY_UNET)
+    # noskip: a U-Net without the down->up skip; the stages still carry the features, which then get zero grads.
+    unet = replace(TINY_UNET, skip="noskip" not in flags)
+    reference = LlamaFusion.from_llama(base, "deep", TINY_IMAGE, unet)
     freeze_text(reference)
     initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
     plan = plan_pipeline(pp=pp, schedule=schedule, microbatches=m, pp_layers=[], num_layers=reference.arch.num_layers,
@@ -83,7 +86,7 @@ def run_case(spec: str) -> dict:
     dp_rank, dp_size = dp.get_local_rank(), dp.size()
     rows = 2
     max_images = rows * max_images_per_row(SEQ, TINY_IMAGE.tokens_per_image)
-    meta_model = build_on_meta(reference.arch, "deep", TINY_IMAGE, TINY_UNET)
+    meta_model = build_on_meta(reference.arch, "deep", TINY_IMAGE, unet)
     freeze_text(meta_model)
     stages = build_stages(meta_model, plan, pp_mesh(mesh).get_local_rank(), max_images)
     full = reference.state_dict()
