@@ -149,7 +149,8 @@ def _load_images(source: str, resolution: int, skips: SkipLog, max_images: int) 
 
 
 @torch.no_grad()
-def _encode_mean(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def encode_mean(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Mode (mean) latents of `images` in [-1, 1], in batches."""
     return torch.cat(
         [vae.encode(images[i : i + batch_size]).latent_dist.mode() for i in range(0, len(images), batch_size)]
     )
@@ -236,7 +237,7 @@ def train_vae(
                 bar.set_postfix(mse=f"{mse.item() / 4:.5f}")  # /4: report on [0, 1] pixels like the result
         bar.close()
     vae.eval()
-    latents = _encode_mean(vae, train[:SCALE_IMAGES])
+    latents = encode_mean(vae, train[:SCALE_IMAGES])
     scaling_factor = float(1.0 / latents.flatten().std())
     vae.register_to_config(scaling_factor=scaling_factor)
     recon_mse, recon_psnr = reconstruction_error(vae, held)

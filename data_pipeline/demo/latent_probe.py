@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from ..sources import image_to_tensor
+from ..vae import encode_mean
 from .digits import digits_samples
 
 Features = Callable[[torch.Tensor], np.ndarray]
@@ -54,15 +55,9 @@ def probe_accuracy(features: Features, resolution: int = 32,
     return out
 
 
-def vae_features(vae: AutoencoderKL, batch_size: int = 256) -> Features:
+def vae_features(vae: AutoencoderKL) -> Features:
     """Flattened mode latents, as the shards hold them (up to the scaling factor, which standardising removes)."""
-
-    @torch.no_grad()
-    def encode(images: torch.Tensor) -> np.ndarray:
-        parts = [vae.encode(images[i : i + batch_size]).latent_dist.mode() for i in range(0, len(images), batch_size)]
-        return torch.cat(parts).flatten(1).numpy()
-
-    return encode
+    return lambda images: encode_mean(vae, images).flatten(1).numpy()
 
 
 def pixel_features(images: torch.Tensor) -> np.ndarray:
