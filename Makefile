@@ -25,7 +25,7 @@ test: lint
 bench: install
 	$(PY) benchmarks/routing_cost.py
 
-# The whole pipeline on the built-in digits (fetch base, VAE, latents, training, eval, report): 7-19 min on 2 CPU cores (README).
+# The whole pipeline on the built-in digits (fetch base, VAE, latents, training, eval, report): 9-20 min on 2 CPU cores (README).
 demo: install
 	$(PY) -m megafusion demo --out outputs/demo
 
