@@ -1,12 +1,14 @@
 """One demo training step timed: with and without the frozen-row split, in fp32 and bf16, and its MFU.
 
 The step is configs/demo-digits.yaml's: SmolLM2-135M-Instruct (the cached real base, ~/.cache/megafusion),
-deep separation, text frozen, micro-batch 2 x 256 tokens of packed digit documents (the demo's captions through
-the real tokenizer and packer, caption first with the config's probability, random 4x8x8 latents: speed does not
-depend on their values). One step = the objective's forward, backward, gradient clipping and AdamW over the image
-groups (build_optimizer), without the DeepSpeed engine around it; bf16 casts the model as DeepSpeed's bf16 mode
-does. The split (train.skip_frozen_rows) runs the rows no trainable parameter reaches without autograd; with and
-without it alternate step by step on the same batches, so machine noise hits both alike, and the median is
+deep separation, text frozen, the config's micro-batch of 256-token rows of packed digit documents (the demo's
+captions through the real tokenizer and packer, caption first with the config's probability, random 4x8x8
+latents: speed does not depend on their values). One step = the objective's forward, backward, gradient clipping
+and AdamW over the image groups (build_optimizer), without the DeepSpeed engine around it; bf16 casts the model
+as DeepSpeed's bf16 mode does, but without its fp32 master weights and gradient conversions
+(benchmarks/trainer_precision.py times the trainer's own bf16 step). The split (train.skip_frozen_rows) runs the
+rows no trainable parameter reaches without autograd; with and without it alternate step by step on the same
+batches, so machine noise hits both alike, and the median is
 reported. MFU = the step's model FLOPs (training/flops.py, which counts the frozen rows' forward only) / time /
 this machine's matmul peak measured for the same dtype and thread count (benchmarks/matmul_peak.py).
 
