@@ -209,7 +209,7 @@ def _markdown(report: dict) -> str:
         f"{_fmt(text.get('perplexity_base'))} |",
         "",
         f"Generation: {gen['num_images']} images ({gen['images_per_prompt']} per prompt), {gen['sampler'].upper()} "
-        f"{gen['num_steps']} steps, CFG {gen['guidance_scale']}. "
+        f"{gen['num_steps']} steps ({gen.get('timestep_spacing', 'leading')} timesteps), CFG {gen['guidance_scale']}. "
         f"Captioning: {cap['num_images']} held-out images, greedy. CIDEr tokenizer: {cap['cider_tokenizer']}.",
         "",
         *_generation_tables(r, floor),

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from megafusion.inference.timesteps import DEFAULT_SPACING, SPACINGS
+
 
 def add_eval_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a trained LlamaFusion: image generation, captioning, text identity")
@@ -21,6 +23,9 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--num-prompts", type=int, default=10, help="prompts for shapes (digits: its 10 classes)")
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--timestep-spacing", default=DEFAULT_SPACING, choices=SPACINGS,
+                   help="where the steps sit among the training timesteps (trailing: from t = T - 1; auto: "
+                        "trailing for v-prediction models, else leading)")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--no-cfg", action="store_true")
     p.add_argument("--cfg-sweep", default="", help="more CFG scales to score, e.g. 1,1.55,5 (1 = no guidance)")
@@ -67,6 +72,7 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         split=args.split, out_of_template=args.out_of_template, confidence_threshold=args.confidence,
         images_per_prompt=args.images_per_prompt, num_prompts=args.num_prompts, sampler=args.sampler,
+        timestep_spacing=args.timestep_spacing,
         num_steps=args.steps, guidance_scale=None if args.no_cfg else args.cfg,
         num_caption_images=args.caption_images, skip_text=args.skip_text, seed=args.seed,
         guidance_sweep=_scales(args.cfg_sweep),

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from megafusion.inference.timesteps import DEFAULT_SPACING, resolve_spacing
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -36,6 +38,7 @@ class EvalSettings:
     num_prompts: int = 10
     sampler: str = "ddim"
     num_steps: int = 25
+    timestep_spacing: str = DEFAULT_SPACING
     # None: no classifier-free guidance.
     guidance_scale: float | None = 2.0
     # More CFG scales to score (accuracy and FID at each, same prompts and seed): the guidance trade-off curve.
@@ -96,7 +99,7 @@ def _generate(model: LlamaFusion, tokenizer: TextTokenizer, vae: AutoencoderKL, 
     from megafusion.eval.model_io import generate_latents
     from megafusion.inference.text_to_image import ImageSamplingConfig
 
-    config = ImageSamplingConfig(settings.sampler, settings.num_steps, guidance)
+    config = ImageSamplingConfig(settings.sampler, settings.num_steps, guidance, settings.timestep_spacing)
     latents = generate_latents(model, tokenizer, [p.text for p in prompts], settings.images_per_prompt, config,
                                settings.seed + _seed_offset(settings.split), progress=settings.progress)
     return _decode(vae, latents)
@@ -171,6 +174,7 @@ def evaluate_images(model: LlamaFusion, tokenizer: TextTokenizer, vae: Autoencod
         "images_per_prompt": k,
         "sampler": settings.sampler,
         "num_steps": settings.num_steps,
+        "timestep_spacing": resolve_spacing(settings.timestep_spacing, model.diffusion_args.prediction_type),
         "guidance_scale": settings.guidance_scale,
         "judges": {j.name: j.kind for j in judges},
         "confidence_threshold": settings.confidence_threshold,

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megafusion.inference.timesteps import DEFAULT_SPACING, SPACINGS
+
 MODES = ("text", "image", "caption", "interleave", "edit")
 
 
@@ -35,6 +37,9 @@ def _text_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 def _image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--timestep-spacing", default=DEFAULT_SPACING, choices=SPACINGS,
+                   help="where the steps sit among the training timesteps (trailing: from t = T - 1; auto: "
+                        "trailing for v-prediction models, else leading)")
     p.add_argument("--cfg", type=float, default=1.55, help="classifier-free guidance scale (paper: 1.55)")
     p.add_argument("--no-cfg", action="store_true", help="no unconditional branch")
     # The noise process comes from the model (fusion_config.json); these only assert what the caller expects.
@@ -163,7 +168,7 @@ def check_diffusion_options(args: argparse.Namespace, model: Any) -> None:
 def _image_config(args: argparse.Namespace) -> Any:
     from megafusion.inference.text_to_image import ImageSamplingConfig
 
-    return ImageSamplingConfig(args.sampler, args.steps, None if args.no_cfg else args.cfg)
+    return ImageSamplingConfig(args.sampler, args.steps, None if args.no_cfg else args.cfg, args.timestep_spacing)
 
 
 def _vae(args: argparse.Namespace, model: Any) -> Any:

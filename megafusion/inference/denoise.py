@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from megafusion.inference.sequence import image_chunk
+from megafusion.inference.timesteps import DEFAULT_SPACING, resolve_spacing
 from megafusion.model import KVCache, LlamaFusion
 from megafusion.model.args import DiffusionArgs
 
@@ -26,14 +27,17 @@ Generators = torch.Generator | list[torch.Generator] | None
 
 
 def make_scheduler(
-    sampler: SamplerName = "ddim", num_steps: int = 50, diffusion: DiffusionArgs | None = None
+    sampler: SamplerName = "ddim", num_steps: int = 50, diffusion: DiffusionArgs | None = None,
+    spacing: str = DEFAULT_SPACING,
 ) -> DDPMScheduler | DDIMScheduler:
     """diffusers' scheduler with the training noise process (`diffusion`: a model's `diffusion_args`; default
-    the paper's cosine schedule, T = 1000), set to `num_steps` inference steps.
+    the paper's cosine schedule, T = 1000), set to `num_steps` inference steps placed by `spacing`
+    (inference/timesteps.py).
     clip_sample is off: the x0 estimate is a scaled VAE latent, not a [-1, 1] image."""
     diffusion = diffusion or DiffusionArgs()
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    spacing = resolve_spacing(spacing, diffusion.prediction_type)
     if num_steps < 1 or num_steps > diffusion.num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {diffusion.num_train_timesteps}], got {num_steps}")
     cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
@@ -43,6 +47,7 @@ def make_scheduler(
         beta_schedule=diffusion.beta_schedule,
         prediction_type=diffusion.prediction_type,
         clip_sample=False,
+        timestep_spacing=spacing,
     )
     scheduler.set_timesteps(num_steps)
     return scheduler

@@ -49,7 +49,8 @@ def interleave_tokens(
     cfg = uses_guidance(uncond_ids is not None, image_config.guidance_scale)
     # The unconditional prefix never changes: computed once, reused by every image.
     uncond = prefill(model, [[list(uncond_ids), [boi]]]).cache if cfg else None
-    scheduler = make_scheduler(image_config.sampler, image_config.num_steps, model.diffusion_args)
+    scheduler = make_scheduler(image_config.sampler, image_config.num_steps, model.diffusion_args,
+                               image_config.timestep_spacing)
     token_generator = generator[0] if isinstance(generator, list) else generator
     items: list[int | torch.Tensor] = []
     num_text = num_images = 0

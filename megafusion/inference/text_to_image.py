@@ -20,6 +20,7 @@ from megafusion.inference.denoise import (
 )
 from megafusion.inference.images import decode_latents
 from megafusion.inference.sequence import Item, prefill
+from megafusion.inference.timesteps import DEFAULT_SPACING
 from megafusion.inference.tokens import encode_texts, unconditional_ids
 from megafusion.model import LlamaFusion
 
@@ -30,6 +31,7 @@ class ImageSamplingConfig:
     num_steps: int = 50
     # None turns classifier-free guidance off (no unconditional rows at all).
     guidance_scale: float | None = DEFAULT_GUIDANCE
+    timestep_spacing: str = DEFAULT_SPACING
     # The noise process (T, beta schedule) is not a sampling choice: it is the model's `diffusion_args`.
 
 
@@ -67,7 +69,7 @@ def sample_images(
     if cfg:
         uncond = cache.select([batch + (b if len(uncond_prefixes) > 1 else 0) for b in repeat])
     cache = cache.select(repeat)
-    scheduler = make_scheduler(config.sampler, config.num_steps, model.diffusion_args)
+    scheduler = make_scheduler(config.sampler, config.num_steps, model.diffusion_args, config.timestep_spacing)
     return denoise(model, cache, scheduler, uncond, config.guidance_scale, generator, progress=progress)
 
 

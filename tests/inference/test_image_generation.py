@@ -106,6 +106,27 @@ def test_schedulers_use_the_training_schedule_and_step_count(model):
         make_scheduler("euler")
 
 
+@pytest.mark.parametrize("sampler, reference", [("ddpm", DDPMScheduler), ("ddim", DDIMScheduler)])
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+def test_timestep_spacing_places_the_steps_as_diffusers_does(sampler, reference, spacing):
+    ours = make_scheduler(sampler, 10, spacing=spacing)
+    theirs = reference(beta_schedule="squaredcos_cap_v2", timestep_spacing=spacing)
+    theirs.set_timesteps(10)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+
+
+def test_default_spacing_starts_v_models_at_the_last_training_timestep():
+    """Sampling starts from pure noise, which training only shows at t = T - 1; diffusers' DDIM default
+    ("leading") starts 10 steps at t = 900. An epsilon model keeps leading: its clean estimate at t = 999 would
+    divide by sqrt(alpha_bar) ~ 5e-5."""
+    v_model = DiffusionArgs(prediction_type="v_prediction")
+    assert int(make_scheduler("ddim", 10, v_model).timesteps[0]) == 999
+    assert int(make_scheduler("ddim", 10, DiffusionArgs(prediction_type="epsilon")).timesteps[0]) == 900
+    assert int(make_scheduler("ddim", 10, v_model, spacing="leading").timesteps[0]) == 900
+    with pytest.raises(ValueError, match="timestep spacing must be one of"):
+        make_scheduler("ddim", 10, spacing="middle")
+
+
 def test_images_per_prompt_share_one_prefill(model):
     rows = [[r] for r in prompts((5, 8))]
     out = sample_images(model, rows, [[[1]]], ImageSamplingConfig(num_steps=2), torch.Generator().manual_seed(0),
