@@ -8,9 +8,9 @@ and AdamW over the image groups (build_optimizer), without the DeepSpeed engine 
 as DeepSpeed's bf16 mode does, but without its fp32 master weights and gradient conversions
 (benchmarks/trainer_precision.py times the trainer's own bf16 step). The split (train.skip_frozen_rows) runs the
 rows no trainable parameter reaches without autograd; with and without it alternate step by step on the same
-batches, so machine noise hits both alike, and the median is
-reported. MFU = the step's model FLOPs (training/flops.py, which counts the frozen rows' forward only) / time /
-this machine's matmul peak measured for the same dtype and thread count (benchmarks/matmul_peak.py).
+batches, so machine noise hits both alike, and the median is reported. MFU = the step's model FLOPs
+(training/flops.py, which counts the frozen rows' forward only) / time / this machine's matmul peak measured for
+the same dtype and thread count (benchmarks/matmul_peak.py).
 
     python benchmarks/train_step.py [--steps 3 --warmup 1 --bf16-steps 1 --threads 2 --no-bf16]
 

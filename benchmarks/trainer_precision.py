@@ -32,7 +32,7 @@ from megafusion.common.precision import choose_precision, cpu_info, model_matmul
 from megafusion.config import load_config  # noqa: E402
 from megafusion.data_pipeline.demo.digits import digit_caption  # noqa: E402
 from megafusion.data_pipeline.shard_format import INDEX_NAME, shard_name, write_shard_file  # noqa: E402
-from megafusion.model.arch import LlamaArch  # noqa: E402
+from megafusion.training.torch_engine import base_arch  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"CPU: {cpu['model']} (flags: {' '.join(cpu['flags']) or 'none of interest'}), torch {torch.__version__}, "
           f"{args.threads} threads, 1-min load average {load:.1f} on {os.cpu_count()} CPUs before the run")
-    config_json = resolve_base(cfg.model.base) / "config.json"
-    arch = LlamaArch.from_hf_config(json.loads(config_json.read_text()), str(config_json))
+    arch = base_arch(resolve_base(cfg.model.base))
     choice = choose_precision("auto", "cpu", model_matmul_shapes(arch.hidden_size, arch.intermediate_size))
     print(f"precision auto picks {choice.precision}: {choice.reason}")
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from megafusion.inference.timesteps import DEFAULT_SPACING, SPACINGS
+from megafusion.inference.timesteps import DEFAULT_SPACING, SPACING_HELP, SPACINGS
 
 
 def add_eval_parser(sub: Any) -> None:
@@ -24,8 +24,7 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
     p.add_argument("--timestep-spacing", default=DEFAULT_SPACING, choices=SPACINGS,
-                   help="where the steps sit among the training timesteps (trailing: from t = T - 1; auto: "
-                        "trailing for v-prediction models, else leading)")
+                   help=SPACING_HELP)
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--no-cfg", action="store_true")
     p.add_argument("--cfg-sweep", default="", help="more CFG scales to score, e.g. 1,1.55,5 (1 = no guidance)")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from megafusion.inference.timesteps import DEFAULT_SPACING, SPACINGS
+from megafusion.inference.timesteps import DEFAULT_SPACING, SPACING_HELP, SPACINGS
 
 MODES = ("text", "image", "caption", "interleave", "edit")
 
@@ -38,8 +38,7 @@ def _image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--timestep-spacing", default=DEFAULT_SPACING, choices=SPACINGS,
-                   help="where the steps sit among the training timesteps (trailing: from t = T - 1; auto: "
-                        "trailing for v-prediction models, else leading)")
+                   help=SPACING_HELP)
     p.add_argument("--cfg", type=float, default=1.55, help="classifier-free guidance scale (paper: 1.55)")
     p.add_argument("--no-cfg", action="store_true", help="no unconditional branch")
     # The noise process comes from the model (fusion_config.json); these only assert what the caller expects.

@@ -11,6 +11,8 @@ from __future__ import annotations
 # sqrt(alpha_bar) = 4.9e-5 (cosine schedule), so its prediction error would be multiplied by ~20,000.
 SPACINGS: tuple[str, ...] = ("auto", "trailing", "leading", "linspace")
 DEFAULT_SPACING = "auto"
+SPACING_HELP = ("where the steps sit among the training timesteps (trailing: from t = T - 1; auto: trailing for "
+                "v-prediction models, else leading)")
 
 
 def resolve_spacing(spacing: str, prediction_type: str) -> str:
