@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from megafusion.inference.timesteps import DEFAULT_SPACING, SPACING_HELP, SPACINGS
+from megafusion.inference.timesteps import add_spacing_argument
 
 
 def add_eval_parser(sub: Any) -> None:
@@ -23,8 +23,7 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--num-prompts", type=int, default=10, help="prompts for shapes (digits: its 10 classes)")
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--timestep-spacing", default=DEFAULT_SPACING, choices=SPACINGS,
-                   help=SPACING_HELP)
+    add_spacing_argument(p)
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--no-cfg", action="store_true")
     p.add_argument("--cfg-sweep", default="", help="more CFG scales to score, e.g. 1,1.55,5 (1 = no guidance)")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from megafusion.inference.timesteps import DEFAULT_SPACING, SPACING_HELP, SPACINGS
+from megafusion.inference.timesteps import add_spacing_argument
 
 MODES = ("text", "image", "caption", "interleave", "edit")
 
@@ -37,8 +37,7 @@ def _text_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 def _image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--timestep-spacing", default=DEFAULT_SPACING, choices=SPACINGS,
-                   help=SPACING_HELP)
+    add_spacing_argument(p)
     p.add_argument("--cfg", type=float, default=1.55, help="classifier-free guidance scale (paper: 1.55)")
     p.add_argument("--no-cfg", action="store_true", help="no unconditional branch")
     # The noise process comes from the model (fusion_config.json); these only assert what the caller expects.

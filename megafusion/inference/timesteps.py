@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 # Where the inference steps sit among the T training timesteps (diffusers' timestep_spacing). "trailing" starts at
 # t = T - 1, where the training noise is; "leading" (diffusers' DDIM default) starts at T - T / steps (t = 900 at 10
 # steps), so the first step reads pure noise as if some signal were left (Lin et al. 2024, "Common diffusion noise
@@ -11,8 +13,13 @@ from __future__ import annotations
 # sqrt(alpha_bar) = 4.9e-5 (cosine schedule), so its prediction error would be multiplied by ~20,000.
 SPACINGS: tuple[str, ...] = ("auto", "trailing", "leading", "linspace")
 DEFAULT_SPACING = "auto"
-SPACING_HELP = ("where the steps sit among the training timesteps (trailing: from t = T - 1; auto: trailing for "
-                "v-prediction models, else leading)")
+
+
+def add_spacing_argument(parser: Any) -> None:
+    """`--timestep-spacing`, the same for every command that samples images (generate, eval)."""
+    parser.add_argument("--timestep-spacing", default=DEFAULT_SPACING, choices=SPACINGS,
+                        help="where the steps sit among the training timesteps (trailing: from t = T - 1; auto: "
+                             "trailing for v-prediction models, else leading)")
 
 
 def resolve_spacing(spacing: str, prediction_type: str) -> str:
